@@ -1,0 +1,92 @@
+"""Registration losses: local NCC, hierarchical feature consistency, soft Dice, diffusion."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """Local means over an odd window per axis; at the border, over the voxels inside the volume."""
+    ones = torch.ones((1, 1, *x.shape[2:]), device=x.device, dtype=x.dtype)
+    return _box_sum(x, window) / _box_sum(ones, window)
+
+
+def _box_sum(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    for dim, size in enumerate(window):
+        if size <= 1:
+            continue
+        shape = [1, 1, 1]
+        shape[dim] = size
+        kernel = torch.ones((x.shape[1], 1, *shape), device=x.device, dtype=x.dtype)
+        padding = [0, 0, 0]
+        padding[dim] = size // 2
+        x = F.conv3d(x, kernel, padding=padding, groups=x.shape[1])
+    return x
+
+
+def ncc_window(spacing_zyx: Sequence[float], window: int = 9) -> tuple:
+    """An odd window per axis covering about ``window`` voxels of the finest axis (at least 3)."""
+    finest = min(spacing_zyx)
+    sizes = []
+    for s in spacing_zyx:
+        n = max(3, int(round(window * finest / s)))
+        sizes.append(n if n % 2 else n + 1)
+    return tuple(sizes)
+
+
+def local_ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: Sequence[int] = (9, 9, 9),
+                   mask: Optional[torch.Tensor] = None, eps: float = 1e-8) -> torch.Tensor:
+    """``1 - mean squared local normalised cross-correlation`` (0 for a perfect match)."""
+    window = tuple(min(w, n if n % 2 else n - 1) for w, n in zip(window, fixed.shape[2:]))
+    stats = _box_mean(torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], 1), window)
+    mf, mw, ff, ww, fw = stats.chunk(5, dim=1)
+    cross = fw - mf * mw
+    var_f = (ff - mf * mf).clamp_min(0)
+    var_w = (ww - mw * mw).clamp_min(0)
+    cc = cross * cross / (var_f * var_w + eps)
+    if mask is None:
+        return 1.0 - cc.mean()
+    return 1.0 - (cc * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def feature_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared feature difference (channels averaged)."""
+    diff = (fixed - warped).pow(2).mean(1, keepdim=True)
+    if mask is None:
+        return diff.mean()
+    return (diff * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def hierarchical_feature_consistency(fixed_levels: Sequence[torch.Tensor], warped_levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Paper eq. 3: sum over levels l = 1 (finest) .. L of ``feature_loss / 2**(l - 1)``."""
+    total = 0.0
+    for level, (f, w) in enumerate(zip(fixed_levels, warped_levels), start=1):
+        total = total + feature_loss(f, w) / 2 ** (level - 1)
+    return total
+
+
+def soft_dice_loss(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``1 - mean soft Dice`` over the foreground channels of one-hot label volumes ``(B, K, ...)``."""
+    dims = tuple(range(2, fixed_onehot.ndim))
+    inter = (fixed_onehot * warped_onehot).sum(dims)
+    union = fixed_onehot.sum(dims) + warped_onehot.sum(dims)
+    return 1.0 - ((2 * inter + eps) / (union + eps)).mean()
+
+
+def diffusion_loss(u: torch.Tensor, spacing_zyx: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """Mean squared forward-difference gradient of the displacement, in physical units (mm/mm).
+
+    ``u`` is in voxels of its grid with voxel size ``spacing_zyx`` (isotropic 1 if omitted).
+    """
+    spacing = torch.ones(3, device=u.device, dtype=u.dtype) if spacing_zyx is None else \
+        torch.as_tensor(spacing_zyx, device=u.device, dtype=u.dtype)
+    physical = u * spacing.view(1, 3, 1, 1, 1)
+    total = 0.0
+    for dim in range(3):
+        if u.shape[2 + dim] < 2:
+            continue
+        d = torch.diff(physical, dim=2 + dim) / spacing[dim]
+        total = total + d.pow(2).mean()
+    return total

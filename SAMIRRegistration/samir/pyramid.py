@@ -1,0 +1,116 @@
+"""The 3D head and pyramidal deformation field prediction (PDFP), with no image size baked in.
+
+Level 1 is the full-resolution grid; level ``l + 1`` halves every axis that stays large enough
+(the slicing axis only while it keeps at least ``through_plane_min`` voxels, so a 16-slice cardiac
+volume keeps its depth). Fields are predicted coarse to fine: at each level a 3-conv block reads
+(moving features warped by the upsampled coarser field, fixed features), predicts a velocity,
+scaling and squaring integrates it and the result is composed with the coarser field.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .spatial import compose, integrate, resize_field, resize_volume, warp
+
+Shape3 = Tuple[int, int, int]
+
+
+def pyramid_shapes(shape: Sequence[int], levels: int, slicing_axis: Optional[int] = None,
+                   min_size: int = 8, through_plane_min: int = 16) -> List[Shape3]:
+    """Grid shapes of levels 1 (full) .. ``levels`` (coarsest)."""
+    shapes = [tuple(int(n) for n in shape)]
+    for _ in range(levels - 1):
+        prev = shapes[-1]
+        nxt = []
+        for axis, n in enumerate(prev):
+            limit = through_plane_min if axis == slicing_axis else min_size
+            half = math.ceil(n / 2)
+            nxt.append(half if half >= limit else n)
+        shapes.append(tuple(nxt))
+    return shapes
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 3, padding=1),
+                         nn.InstanceNorm3d(out_channels, affine=True), nn.LeakyReLU(0.2))
+
+
+class FeatureHead(nn.Module):
+    """Lightweight 3D head shared by fixed and moving: input features ⊕ image, 3 conv blocks."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int] = (32, 64, 32)):
+        super().__init__()
+        blocks, c = [], in_channels + 1
+        for width in widths:
+            blocks.append(conv_block(c, width))
+            c = width
+        self.blocks = nn.Sequential(*blocks)
+        self.out_channels = c
+
+    def forward(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.blocks(torch.cat([features, image], dim=1))
+
+
+class VelocityBlock(nn.Module):
+    """Three 3x3x3 convs on (warped moving, fixed) -> 3-channel velocity; the last starts at zero."""
+
+    def __init__(self, channels: int, hidden: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(2 * channels, hidden, 3, padding=1), nn.LeakyReLU(0.2),
+                                  nn.Conv3d(hidden, hidden, 3, padding=1), nn.LeakyReLU(0.2))
+        self.out = nn.Conv3d(hidden, 3, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, warped_moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(torch.cat([warped_moving, fixed], dim=1)))
+
+
+@dataclass
+class PyramidOutput:
+    fields: List[torch.Tensor]  # per level, coarse -> fine, in voxels of that level
+    velocities: List[torch.Tensor]
+    shapes: List[Shape3]
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.fields[-1]
+
+
+class PDFP(nn.Module):
+    def __init__(self, channels: int, levels: int = 5, hidden: int = 32, integration_steps: int = 7):
+        super().__init__()
+        self.levels = levels
+        self.integration_steps = integration_steps
+        self.blocks = nn.ModuleList(VelocityBlock(channels, hidden) for _ in range(levels))
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, slicing_axis: Optional[int] = None) -> PyramidOutput:
+        shapes = pyramid_shapes(fixed.shape[2:], self.levels, slicing_axis)
+        fields, velocities, u = [], [], None
+        for level in range(self.levels, 0, -1):
+            shape = shapes[level - 1]
+            f_l, m_l = resize_volume(fixed, shape), resize_volume(moving, shape)
+            u_prev = torch.zeros((fixed.shape[0], 3, *shape), device=fixed.device, dtype=fixed.dtype) \
+                if u is None else resize_field(u, shape)
+            v = self.blocks[level - 1](warp(m_l, u_prev), f_l)
+            u = compose(u_prev, integrate(v, self.integration_steps))
+            fields.append(u)
+            velocities.append(v)
+        return PyramidOutput(fields, velocities, shapes[::-1])
+
+
+class SAMIRNet(nn.Module):
+    """Head + PDFP: the trainable part of SAMIR on top of frozen, channel-reduced encoder features."""
+
+    def __init__(self, feature_channels: int, widths: Sequence[int] = (32, 64, 32), levels: int = 5):
+        super().__init__()
+        self.head = FeatureHead(feature_channels, widths)
+        self.pdfp = PDFP(self.head.out_channels, levels)
+
+    def forward(self, fixed_features, fixed_image, moving_features, moving_image, slicing_axis=None) -> PyramidOutput:
+        return self.pdfp(self.head(fixed_features, fixed_image), self.head(moving_features, moving_image), slicing_axis)

@@ -1,0 +1,119 @@
+"""Dense spatial transforms on voxel grids: the engine's one coordinate convention.
+
+Conventions (stated here once; every other module relies on them):
+
+* Volumes are tensors shaped ``(B, C, D, H, W)``. For an image read with SimpleITK the axes
+  D, H, W are the array axes of ``sitk.GetArrayFromImage`` (z, y, x), i.e. ITK's index
+  ``(i, j, k)`` reversed.
+* A displacement field ``u`` is shaped ``(B, 3, D, H, W)``; channels 0, 1, 2 are displacements
+  along D, H, W, in voxels of the grid the field is defined on.
+* Fields "pull": ``warp(moving, u)(p) = moving(p + u(p))``. ``p -> p + u(p)`` maps a point of the
+  fixed grid to where it is found in the moving image (ITK's transform direction).
+* Grids are cell-centred. Resampling a grid of ``n`` voxels to ``m`` voxels keeps the extent, so
+  voxel ``i`` of the ``m``-grid sits at ``(i + 0.5) * n / m - 0.5`` of the ``n``-grid
+  (``align_corners=False`` throughout).
+* ``jacobian_determinant`` works in voxel units; the determinant of ``I + grad u`` does not depend
+  on the spacing, so it equals the physical Jacobian determinant.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+Shape3 = Sequence[int]
+
+
+def _normalized_axis(size: int, device, dtype) -> torch.Tensor:
+    """Normalized coordinates (align_corners=False) of the ``size`` voxel centres of one axis."""
+    return (2.0 * torch.arange(size, device=device, dtype=dtype) + 1.0) / size - 1.0
+
+
+def normalized_identity_grid(shape: Shape3, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Identity sampling grid ``(1, D, H, W, 3)`` for ``grid_sample``; last axis ordered (W, H, D)."""
+    d, h, w = torch.meshgrid(*(_normalized_axis(n, device, dtype) for n in shape), indexing="ij")
+    return torch.stack([w, h, d], dim=-1).unsqueeze(0)
+
+
+def _sampling_grid(u: torch.Tensor) -> torch.Tensor:
+    shape = u.shape[2:]
+    scale = torch.tensor([2.0 / n for n in shape], device=u.device, dtype=u.dtype).view(1, 3, 1, 1, 1)
+    offset = (u * scale).permute(0, 2, 3, 4, 1).flip(-1)  # (B, D, H, W, 3) ordered (W, H, D)
+    return normalized_identity_grid(shape, u.device, u.dtype) + offset
+
+
+def warp(moving: torch.Tensor, u: torch.Tensor, mode: str = "bilinear",
+         padding_mode: str = "border") -> torch.Tensor:
+    """Resample ``moving`` (B, C, D, H, W) at ``p + u(p)``; ``u`` lives on the same grid.
+
+    ``mode`` is ``"bilinear"`` (trilinear in 3D) or ``"nearest"``.
+    """
+    if moving.shape[2:] != u.shape[2:]:
+        raise ValueError(f"warp: image grid {tuple(moving.shape[2:])} differs from field grid {tuple(u.shape[2:])}")
+    grid = _sampling_grid(u.to(moving.dtype) if moving.is_floating_point() else u)
+    source = moving if moving.is_floating_point() else moving.to(u.dtype)
+    out = F.grid_sample(source, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+    return out if moving.is_floating_point() else out.round().to(moving.dtype)
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``p -> outer(inner(p))``: ``inner(p) + outer(p + inner(p))``.
+
+    With pull fields, ``warp(warp(m, outer), inner) == warp(m, compose(outer, inner))``.
+    """
+    return inner + warp(outer, inner)
+
+
+def integrate(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring: displacement of the time-1 flow of the stationary ``velocity``."""
+    u = velocity / (2 ** steps)
+    for _ in range(steps):
+        u = compose(u, u)
+    return u
+
+
+def resize_field(u: torch.Tensor, shape: Shape3) -> torch.Tensor:
+    """Resample a displacement field to grid ``shape`` and rescale it to that grid's voxel units."""
+    shape = tuple(int(n) for n in shape)
+    if tuple(u.shape[2:]) == shape:
+        return u
+    out = F.interpolate(u, size=shape, mode="trilinear", align_corners=False)
+    factors = torch.tensor([new / old for new, old in zip(shape, u.shape[2:])], device=u.device, dtype=u.dtype)
+    return out * factors.view(1, 3, 1, 1, 1)
+
+
+def resize_volume(x: torch.Tensor, shape: Shape3) -> torch.Tensor:
+    """Resample an image/feature volume to ``shape``: area averaging when shrinking, else trilinear."""
+    shape = tuple(int(n) for n in shape)
+    if tuple(x.shape[2:]) == shape:
+        return x
+    if all(new <= old for new, old in zip(shape, x.shape[2:])):
+        return F.adaptive_avg_pool3d(x, shape)
+    return F.interpolate(x, size=shape, mode="trilinear", align_corners=False)
+
+
+def spatial_gradient(u: torch.Tensor) -> torch.Tensor:
+    """Central-difference gradient (one-sided at the border): ``(B, C, 3, D, H, W)``, d/dD, d/dH, d/dW."""
+    grads = torch.gradient(u, dim=(2, 3, 4))
+    return torch.stack(grads, dim=2)
+
+
+def jacobian_determinant(u: torch.Tensor) -> torch.Tensor:
+    """Determinant of the Jacobian of ``p -> p + u(p)``, shaped ``(B, D, H, W)``."""
+    grad = spatial_gradient(u)  # (B, 3 components, 3 derivatives, D, H, W)
+    eye = torch.eye(3, device=u.device, dtype=u.dtype).view(1, 3, 3, 1, 1, 1)
+    jac = (grad + eye).permute(0, 3, 4, 5, 1, 2)
+    return torch.linalg.det(jac)
+
+
+def sdlogj(jacdet: torch.Tensor, crop: int = 2) -> float:
+    """Std of log(clip(J + 3)) on the ``crop``-voxel-cropped Jacobian (the Learn2Reg definition)."""
+    if crop > 0 and min(jacdet.shape[-3:]) > 2 * crop:
+        jacdet = jacdet[..., crop:-crop, crop:-crop, crop:-crop]
+    return float(torch.log((jacdet + 3.0).clamp(1e-9, 1e9)).std())
+
+
+def folding_fraction(jacdet: torch.Tensor) -> float:
+    """Fraction of voxels where the transform folds (J <= 0)."""
+    return float((jacdet <= 0).float().mean())

@@ -1,0 +1,140 @@
+"""Zero-shot SAMIR: instance optimisation of the PDFP pyramid on frozen encoder features.
+
+The same coarse-to-fine structure as :class:`samir.pyramid.PDFP`, but each level's velocity is a
+free parameter optimised with Adam on this pair instead of predicted by a trained network:
+
+    u_l = compose(upsample(u_{l+1}), integrate(smooth(v_l)))
+    loss_l = w_ncc * NCC(F_l, M_l o u_l) + w_feat * MSE(feat F_l, feat M_l o u_l)
+             + w_smooth * diffusion(u_l)
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .features import SliceFeatures, sample_features
+from .losses import diffusion_loss, feature_loss, local_ncc_loss, ncc_window
+from .pyramid import pyramid_shapes
+from .spatial import compose, integrate, resize_field, resize_volume, warp
+
+
+@dataclass
+class OptimizerSettings:
+    levels: int = 5
+    finest_level: int = 2  # optimise down to this level; the field is then upsampled to full resolution
+    iterations: Sequence[int] = (80, 80, 60, 40, 30)  # per level, coarsest first
+    learning_rate: float = 0.25
+    smoothness: float = 1.0
+    feature_weight: float = 1.0
+    ncc_weight: float = 1.0
+    ncc_window: int = 9
+    velocity_sigma: float = 1.0
+    integration_steps: int = 7
+    tolerance: float = 1e-4  # early stop when the loss improves less than this over `patience` steps
+    patience: int = 15
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["iterations"] = list(self.iterations)
+        return out
+
+
+@dataclass
+class LevelReport:
+    level: int
+    shape: tuple
+    iterations: int
+    loss: float
+
+
+def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    if sigma <= 0:
+        return x
+    radius = max(1, int(round(2 * sigma)))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    for dim in range(3):
+        if x.shape[2 + dim] <= 2 * radius:
+            continue
+        shape = [1, 1, 1]
+        shape[dim] = kernel.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = radius
+        x = F.conv3d(F.pad(x, pad, mode="replicate"), kernel.view(1, 1, *shape).expand(channels, 1, *shape),
+                     groups=channels)
+    return x
+
+
+def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Sequence[float],
+                     settings: OptimizerSettings,
+                     fixed_features: Optional[SliceFeatures] = None, moving_features: Optional[SliceFeatures] = None,
+                     slicing_axis: Optional[int] = None, fixed_mask: Optional[torch.Tensor] = None,
+                     moving_mask: Optional[torch.Tensor] = None, initial_field: Optional[torch.Tensor] = None,
+                     progress: Optional[Callable[[float], None]] = None) -> tuple:
+    """Optimise the pyramid for one pair on ``fixed``'s grid.
+
+    ``fixed``/``moving``: ``(1, 1, D, H, W)`` in [0, 1] on the same grid; masks likewise (1 = use).
+    ``initial_field``: optional full-resolution starting displacement (e.g. a network's output).
+    Returns the full-resolution displacement ``(1, 3, D, H, W)`` in voxels and per-level reports.
+    """
+    device = fixed.device
+    full_shape = tuple(fixed.shape[2:])
+    shapes = pyramid_shapes(full_shape, settings.levels, slicing_axis)
+    levels = list(range(settings.levels, settings.finest_level - 1, -1))
+    iterations = list(settings.iterations)[:len(levels)]
+    iterations += [iterations[-1]] * (len(levels) - len(iterations))
+    total_iterations, done = max(1, sum(iterations)), 0
+    use_features = fixed_features is not None and moving_features is not None and settings.feature_weight > 0
+    u = None if initial_field is None else initial_field.detach().to(device)
+    reports: List[LevelReport] = []
+
+    for level, n_iter in zip(levels, iterations):
+        shape = shapes[level - 1]
+        spacing_l = [s * full / n for s, full, n in zip(spacing_zyx, full_shape, shape)]
+        f_l, m_l = resize_volume(fixed, shape), resize_volume(moving, shape)
+        fm_l = None if fixed_mask is None else (resize_volume(fixed_mask, shape) > 0.5).float()
+        mm_l = None if moving_mask is None else resize_volume(moving_mask, shape)
+        if use_features:
+            ff_l = sample_features(fixed_features, shape, device)
+            mf_l = sample_features(moving_features, shape, device)
+        u_prev = torch.zeros((1, 3, *shape), device=device) if u is None else resize_field(u, shape).detach()
+        window = ncc_window(spacing_l, settings.ncc_window if level == 1 else min(settings.ncc_window, 7))
+        velocity = torch.zeros((1, 3, *shape), device=device, requires_grad=True)
+        optimizer = torch.optim.Adam([velocity], lr=settings.learning_rate)
+        best, stall, loss_value, it = float("inf"), 0, float("nan"), 0
+        for it in range(1, n_iter + 1):
+            optimizer.zero_grad(set_to_none=True)
+            u_l = compose(u_prev, integrate(gaussian_smooth(velocity, settings.velocity_sigma), settings.integration_steps))
+            mask = fm_l
+            if mm_l is not None:
+                warped_mask = warp(mm_l, u_l, padding_mode="zeros").detach()
+                mask = warped_mask if mask is None else mask * warped_mask
+            loss = settings.ncc_weight * local_ncc_loss(f_l, warp(m_l, u_l), window, mask)
+            if use_features:
+                loss = loss + settings.feature_weight * feature_loss(ff_l, warp(mf_l, u_l), mask)
+            loss = loss + settings.smoothness * diffusion_loss(u_l, spacing_l)
+            loss.backward()
+            optimizer.step()
+            loss_value = float(loss.detach())
+            if loss_value < best - settings.tolerance:
+                best, stall = loss_value, 0
+            else:
+                stall += 1
+            if progress:
+                progress((done + it) / total_iterations)
+            if stall >= settings.patience:
+                break
+        done += n_iter
+        with torch.no_grad():
+            u = compose(u_prev, integrate(gaussian_smooth(velocity, settings.velocity_sigma), settings.integration_steps))
+        reports.append(LevelReport(level, shape, it, loss_value))
+        if progress:
+            progress(done / total_iterations)
+    with torch.no_grad():
+        u = resize_field(u, full_shape)
+    return u, reports

@@ -1,0 +1,37 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def demo_pair():
+    """MNI152 at 4 mm (nilearn wheel) and a deformed, contrast-changed, noisy copy with GM/WM labels."""
+    from samir.demo import make_demo_pair
+    return make_demo_pair(resolution=4.0, max_mm=8.0, seed=3)
+
+
+@pytest.fixture(scope="session")
+def demo_files(demo_pair, tmp_path_factory):
+    from samir.io import write_volume
+    folder = tmp_path_factory.mktemp("pair")
+    paths = {}
+    for key in ("fixed", "moving", "fixed_seg", "moving_seg"):
+        paths[key] = folder / f"{key}.nii.gz"
+        write_volume(demo_pair[key], paths[key])
+    return paths
+
+
+def smooth_random_volume(shape, seed=0, blobs=12):
+    """A smooth random test image in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.indices(shape, dtype=np.float32)
+    out = np.zeros(shape, np.float32)
+    for _ in range(blobs):
+        c = [rng.uniform(0, n) for n in shape]
+        r = rng.uniform(2, max(3, min(shape) / 3))
+        out += np.exp(-((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) / (2 * r * r))
+    return out / out.max()

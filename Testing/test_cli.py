@@ -1,0 +1,92 @@
+"""End to end through the command line: outputs, consistency with SimpleITK, bad inputs."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from samir.cli import main
+from samir.geometry import Volume
+from samir.io import write_volume
+
+
+@pytest.fixture(scope="module")
+def cli_run(demo_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "result"
+    code = main(["register", str(demo_files["fixed"]), str(demo_files["moving"]), "--moving-seg",
+                 str(demo_files["moving_seg"]), "--fixed-seg", str(demo_files["fixed_seg"]), "--out", str(out),
+                 "--preset", "fast", "--progress", "none"])
+    return code, out
+
+
+def test_register_writes_every_output_and_a_summary(cli_run):
+    code, out = cli_run
+    assert code == 0
+    for name in ("transform.h5", "displacement.nii.gz", "warped.nii.gz", "warped_seg.nii.gz", "jacobian.nii.gz",
+                 "summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("mode", "encoder", "device", "timings_s", "host_peak_rss_mb", "sdlogj", "folding_percent",
+                "dice_before", "dice_after", "dice_after_mean"):
+        assert key in summary, key
+    assert summary["dice_after_mean"] > summary["dice_before_mean"]
+    assert summary["folding_percent"] < 0.1
+    assert {"encoder", "optimise", "total"} <= set(summary["timings_s"])
+    assert not list(out.parent.glob(".result.partial-*"))
+
+
+def test_written_transform_reproduces_the_warped_image_in_simpleitk(cli_run, demo_files):
+    _, out = cli_run
+    fixed = sitk.ReadImage(str(demo_files["fixed"]))
+    moving = sitk.ReadImage(str(demo_files["moving"]), sitk.sitkFloat32)
+    transform = sitk.ReadTransform(str(out / "transform.h5"))
+    resampled = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0))
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
+    value_range = float(np.ptp(sitk.GetArrayFromImage(moving)))
+    assert np.abs(resampled - written).mean() <= 0.01 * value_range
+    # the displacement image is the same field
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"))
+    again = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    point = fixed.TransformIndexToPhysicalPoint((10, 12, 9))
+    assert np.allclose(again.TransformPoint(point), transform.TransformPoint(point), atol=1e-3)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_seg.nii.gz")))
+    assert set(np.unique(labels)) == {0, 1, 2}
+
+
+def write(path, array, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing[:image.GetDimension()] if len(spacing) >= image.GetDimension() else (1.0,) * image.GetDimension())
+    image.SetOrigin(origin[:image.GetDimension()] if len(origin) >= image.GetDimension() else (0.0,) * image.GetDimension())
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def bad_input_cases(tmp_path, demo_files):
+    good = demo_files["fixed"]
+    rng = np.random.default_rng(0)
+    volume = rng.random((20, 20, 20)).astype(np.float32)
+    with_nan = volume.copy()
+    with_nan[3, 4, 5] = np.nan
+    return {
+        "2D": (["register", str(good), str(write(tmp_path / "flat.nii.gz", volume[0]))], "2D"),
+        "4D": (["register", str(good), str(write(tmp_path / "series.nii.gz", rng.random((3, 8, 8, 8)).astype(np.float32)))], "4D"),
+        "NaN": (["register", str(good), str(write(tmp_path / "nan.nii.gz", with_nan))], "NaN"),
+        "empty seg": (["register", str(good), str(good), "--moving-seg",
+                       str(write(tmp_path / "empty.nii.gz", np.zeros((20, 20, 20), np.uint8)))], "empty"),
+        "no overlap": (["register", str(good), str(write(tmp_path / "far.nii.gz", volume, (4.0, 4.0, 4.0), (5000.0, 0.0, 0.0)))],
+                       "do not overlap"),
+        "missing": (["register", str(good), str(tmp_path / "nope.nii.gz")], "does not exist"),
+        "bad device": (["register", str(good), str(good), "--device", "tpu"], "unknown device"),
+    }
+
+
+@pytest.mark.parametrize("case", ["2D", "4D", "NaN", "empty seg", "no overlap", "missing", "bad device"])
+def test_bad_inputs_give_a_clear_error_and_write_nothing(case, tmp_path, demo_files, capsys):
+    args, message = bad_input_cases(tmp_path, demo_files)[case]
+    out = tmp_path / "out"
+    code = main(args + ["--out", str(out), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err, err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.partial-*"))

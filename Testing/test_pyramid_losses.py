@@ -1,0 +1,67 @@
+import torch
+
+from samir.losses import diffusion_loss, feature_loss, hierarchical_feature_consistency, local_ncc_loss, ncc_window, soft_dice_loss
+from samir.pyramid import PDFP, SAMIRNet, pyramid_shapes
+
+
+def test_pyramid_keeps_thin_through_plane_axis():
+    shapes = pyramid_shapes((16, 128, 128), 5, slicing_axis=0)
+    assert shapes == [(16, 128, 128), (16, 64, 64), (16, 32, 32), (16, 16, 16), (16, 8, 8)]
+
+
+def test_pyramid_halves_isotropic_brain():
+    shapes = pyramid_shapes((224, 192, 160), 5, slicing_axis=2)
+    assert shapes[1] == (112, 96, 80) and shapes[3] == (28, 24, 20)
+    assert shapes[4] == (14, 12, 20)  # the slicing axis stops at 16+ voxels
+
+
+def test_pdfp_any_size_and_identity_at_initialisation():
+    net = SAMIRNet(feature_channels=4, widths=(8, 8, 8), levels=3)
+    for shape in [(16, 20, 24), (9, 33, 17)]:
+        ff, mf = torch.rand(1, 4, *shape), torch.rand(1, 4, *shape)
+        fi, mi = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
+        out = net(ff, fi, mf, mi, slicing_axis=0)
+        assert len(out.fields) == len(out.velocities) == 3
+        assert out.final.shape == (1, 3, *shape)
+        assert [tuple(f.shape[2:]) for f in out.fields] == out.shapes
+        assert out.final.abs().max() == 0  # zero-initialised velocity heads
+
+
+def test_pdfp_gradients_reach_every_level():
+    pdfp = PDFP(channels=2, levels=2, hidden=4)
+    for block in pdfp.blocks:
+        torch.nn.init.normal_(block.out.weight, std=0.01)
+    fixed, moving = torch.rand(1, 2, 16, 16, 16), torch.rand(1, 2, 16, 16, 16)
+    loss = pdfp(fixed, moving).final.pow(2).mean()
+    loss.backward()
+    assert all(b.out.weight.grad.abs().sum() > 0 for b in pdfp.blocks)
+
+
+def test_ncc_is_invariant_to_affine_intensity_changes():
+    x = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 20, 20, 20), 3, 1, 1)
+    assert local_ncc_loss(x, 2 * x + 1, (9, 9, 9)) < 1e-3
+    assert local_ncc_loss(x, torch.rand_like(x), (9, 9, 9)) > 0.5
+
+
+def test_ncc_window_follows_spacing():
+    assert ncc_window((10.0, 1.8, 1.8), 9) == (3, 9, 9)
+    assert ncc_window((1, 1, 1), 9) == (9, 9, 9)
+
+
+def test_hfc_weights_levels_by_powers_of_two():
+    f = [torch.zeros(1, 2, 4, 4, 4)] * 3
+    w = [torch.ones(1, 2, 4, 4, 4)] * 3
+    assert torch.isclose(hierarchical_feature_consistency(f, w), torch.tensor(1 + 0.5 + 0.25))
+    assert feature_loss(f[0], w[0]) == 1
+
+
+def test_soft_dice_and_diffusion():
+    a = torch.zeros(1, 1, 8, 8, 8)
+    a[..., 2:6, 2:6, 2:6] = 1
+    assert soft_dice_loss(a, a) < 1e-6
+    assert soft_dice_loss(a, 1 - a) > 0.99
+    assert diffusion_loss(torch.full((1, 3, 6, 6, 6), 3.0)) == 0
+    u = torch.zeros(1, 3, 6, 6, 6)
+    u[:, 2] = torch.arange(6.0)  # d u_w / d w = 1 voxel/voxel
+    # physical: 2 mm of displacement per 2 mm along w, one of three components -> mean 1/3
+    assert torch.isclose(diffusion_loss(u, (1.0, 1.0, 2.0)), torch.tensor(1.0 / 3.0))
