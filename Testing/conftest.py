@@ -11,7 +11,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def demo_pair():
     """MNI152 at 4 mm (nilearn wheel) and a deformed, contrast-changed, noisy copy with GM/WM labels."""
     from samir.demo import make_demo_pair
-    return make_demo_pair(resolution=4.0, max_mm=8.0, seed=3)
+    return make_demo_pair(resolution=4, max_mm=12.0, seed=3)
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,19 @@ from samir.pyramid import PDFP, SAMIRNet, pyramid_shapes
 
 
 def test_pyramid_keeps_thin_through_plane_axis():
-    shapes = pyramid_shapes((16, 128, 128), 5, slicing_axis=0)
+    shapes = pyramid_shapes((16, 128, 128), 5, slicing_axis=0, spacing_zyx=(10.0, 1.8, 1.8))
     assert shapes == [(16, 128, 128), (16, 64, 64), (16, 32, 32), (16, 16, 16), (16, 8, 8)]
+    assert pyramid_shapes((16, 128, 128), 5, slicing_axis=0) == shapes
 
 
-def test_pyramid_halves_isotropic_brain():
-    shapes = pyramid_shapes((224, 192, 160), 5, slicing_axis=2)
-    assert shapes[1] == (112, 96, 80) and shapes[3] == (28, 24, 20)
-    assert shapes[4] == (14, 12, 20)  # the slicing axis stops at 16+ voxels
+def test_pyramid_halves_isotropic_brain_evenly():
+    shapes = pyramid_shapes((224, 192, 160), 5, slicing_axis=2, spacing_zyx=(1.0, 1.0, 1.0))
+    assert shapes == [(224, 192, 160), (112, 96, 80), (56, 48, 40), (28, 24, 20), (14, 12, 10)]
+
+
+def test_pyramid_lets_coarse_axes_wait_for_fine_ones():
+    shapes = pyramid_shapes((40, 128, 128), 5, slicing_axis=0, spacing_zyx=(2.5, 1.0, 1.0))
+    assert shapes[1] == (40, 64, 64) and shapes[2] == (20, 32, 32)
 
 
 def test_pdfp_any_size_and_identity_at_initialisation():

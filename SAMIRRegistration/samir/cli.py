@@ -59,7 +59,9 @@ def add_registration_arguments(parser: argparse.ArgumentParser) -> None:
                         help="array axis (z=0, y=1, x=2) the 2D encoder slices along (default: largest spacing,"
                              " or the axis with the fewest slices for isotropic volumes)")
     parser.add_argument("--slice-stride", type=int, help="encode every n-th slice (default: automatic)")
-    parser.add_argument("--no-features", action="store_true", help="image similarity only (ablation: no encoder)")
+    parser.add_argument("--features", action="store_true",
+                        help="guide the coarse levels with frozen encoder features (SAFE); off by default until it"
+                             " measurably helps (see README)")
     parser.add_argument("--levels", type=int, help="pyramid levels (default 5)")
     parser.add_argument("--finest-level", type=int, help="finest optimised level (1 = full resolution)")
     parser.add_argument("--iterations", type=lambda s: tuple(int(x) for x in s.split(",")),
@@ -73,7 +75,7 @@ def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
     return RegistrationOptions(
         encoder=args.encoder, weights=args.weights, input_size=args.input_size, preset=args.preset,
         device=args.device, normalization=args.normalization, slicing_axis=args.slicing_axis,
-        slice_stride=args.slice_stride, use_features=not args.no_features, seed=args.seed,
+        slice_stride=args.slice_stride, use_features=args.features, seed=args.seed,
         optimizer={"levels": args.levels, "finest_level": args.finest_level, "iterations": args.iterations,
                    "smoothness": args.smoothness, "feature_weight": args.feature_weight})
 
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="register MNI152 to a deformed, contrast-changed, noisy copy of itself")
     demo.add_argument("--out", default="samir_demo", help="output folder (default: samir_demo)")
-    demo.add_argument("--resolution", type=float, default=2.0, help="template resolution in mm (1 or 2; default 2)")
+    demo.add_argument("--resolution", type=int, default=2, help="template voxel size in mm (default 2)")
     demo.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
     add_registration_arguments(demo)
     return parser

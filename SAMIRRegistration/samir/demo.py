@@ -22,12 +22,13 @@ from .register import ProgressFn, RegistrationOptions
 LABEL_NAMES = {1: "grey matter", 2: "white matter"}
 
 
-def load_mni152(resolution: float = 2.0) -> Tuple[Volume, Volume]:
+def load_mni152(resolution: int = 2) -> Tuple[Volume, Volume]:
     """MNI152 2009 T1 template and a GM (1) / WM (2) label map, from nilearn (no download)."""
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from nilearn import datasets
+        resolution = int(resolution)
         t1 = datasets.load_mni152_template(resolution=resolution)
         gm = datasets.load_mni152_gm_template(resolution=resolution)
         wm = datasets.load_mni152_wm_template(resolution=resolution)
@@ -50,7 +51,7 @@ def random_smooth_displacement(shape, spacing_zyx, max_mm: float = 6.0, control_
     return field_mm / torch.tensor(spacing_zyx, dtype=torch.float32).view(1, 3, 1, 1, 1)
 
 
-def make_demo_pair(resolution: float = 2.0, max_mm: float = 6.0, gamma: float = 1.5, noise: float = 0.03,
+def make_demo_pair(resolution: int = 2, max_mm: float = 6.0, gamma: float = 1.5, noise: float = 0.03,
                    seed: int = 0) -> dict:
     from .spatial import warp
     fixed, fixed_seg = load_mni152(resolution)
@@ -105,7 +106,7 @@ def save_figure(path: Path, fixed: np.ndarray, moving: np.ndarray, warped: np.nd
     plt.close(fig)
 
 
-def run_demo(out_dir, options: Optional[RegistrationOptions] = None, resolution: float = 2.0,
+def run_demo(out_dir, options: Optional[RegistrationOptions] = None, resolution: int = 2,
              progress: ProgressFn = None) -> dict:
     from .pipeline import run_registration
     out_dir = Path(out_dir)

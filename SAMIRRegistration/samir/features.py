@@ -37,6 +37,11 @@ class SliceFeatures:
     def in_plane_axes(self) -> Tuple[int, int]:
         return tuple(a for a in range(3) if a != self.axis)
 
+    def feature_spacing_mm(self, spacing_zyx: Sequence[float]) -> float:
+        """In-plane distance between neighbouring feature pixels, in mm (the finer in-plane axis)."""
+        voxels = self.padded_size / self.features.shape[-1]
+        return voxels * min(spacing_zyx[a] for a in self.in_plane_axes)
+
 
 def choose_slicing_axis(shape: Sequence[int], spacing_zyx: Sequence[float], anisotropy: float = 1.25) -> int:
     """Largest-spacing axis for anisotropic volumes; otherwise the axis with the fewest slices."""

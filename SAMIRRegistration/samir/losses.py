@@ -48,7 +48,7 @@ def local_ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: Sequence[i
     cc = cross * cross / (var_f * var_w + eps)
     if mask is None:
         return 1.0 - cc.mean()
-    return 1.0 - (cc * mask).sum() / mask.sum().clamp_min(1.0)
+    return 1.0 - (cc * mask).sum() / mask.expand_as(cc).sum().clamp_min(1.0)
 
 
 def feature_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

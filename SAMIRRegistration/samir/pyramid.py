@@ -21,16 +21,32 @@ Shape3 = Tuple[int, int, int]
 
 
 def pyramid_shapes(shape: Sequence[int], levels: int, slicing_axis: Optional[int] = None,
-                   min_size: int = 8, through_plane_min: int = 16) -> List[Shape3]:
-    """Grid shapes of levels 1 (full) .. ``levels`` (coarsest)."""
+                   spacing_zyx: Optional[Sequence[float]] = None, min_size: int = 8,
+                   through_plane_min: int = 16, anisotropy: float = 1.25) -> List[Shape3]:
+    """Grid shapes of levels 1 (full) .. ``levels`` (coarsest).
+
+    An axis is halved while it keeps at least ``min_size`` voxels and (when ``spacing_zyx`` is
+    given) its voxels are not already coarser than 1.5x the finest axis, so anisotropic grids become
+    more isotropic going down. The slicing axis of an anisotropic volume is only halved while it
+    keeps ``through_plane_min`` voxels (a 16-slice cine volume keeps its depth).
+    """
+    spacing = [1.0, 1.0, 1.0] if spacing_zyx is None else [float(s) for s in spacing_zyx]
+    anisotropic = max(spacing) > anisotropy * min(spacing)
     shapes = [tuple(int(n) for n in shape)]
     for _ in range(levels - 1):
         prev = shapes[-1]
+        limits = [through_plane_min if (axis == slicing_axis and (anisotropic or spacing_zyx is None)) else min_size
+                  for axis in range(3)]
+        can_halve = [math.ceil(n / 2) >= limit for n, limit in zip(prev, limits)]
+        finest = min([s for s, ok in zip(spacing, can_halve) if ok], default=min(spacing))
         nxt = []
         for axis, n in enumerate(prev):
-            limit = through_plane_min if axis == slicing_axis else min_size
             half = math.ceil(n / 2)
-            nxt.append(half if half >= limit else n)
+            if can_halve[axis] and spacing[axis] <= 1.5 * finest:
+                nxt.append(half)
+                spacing[axis] *= n / half
+            else:
+                nxt.append(n)
         shapes.append(tuple(nxt))
     return shapes
 
@@ -89,8 +105,9 @@ class PDFP(nn.Module):
         self.integration_steps = integration_steps
         self.blocks = nn.ModuleList(VelocityBlock(channels, hidden) for _ in range(levels))
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, slicing_axis: Optional[int] = None) -> PyramidOutput:
-        shapes = pyramid_shapes(fixed.shape[2:], self.levels, slicing_axis)
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, slicing_axis: Optional[int] = None,
+                spacing_zyx: Optional[Sequence[float]] = None) -> PyramidOutput:
+        shapes = pyramid_shapes(fixed.shape[2:], self.levels, slicing_axis, spacing_zyx)
         fields, velocities, u = [], [], None
         for level in range(self.levels, 0, -1):
             shape = shapes[level - 1]
@@ -112,5 +129,7 @@ class SAMIRNet(nn.Module):
         self.head = FeatureHead(feature_channels, widths)
         self.pdfp = PDFP(self.head.out_channels, levels)
 
-    def forward(self, fixed_features, fixed_image, moving_features, moving_image, slicing_axis=None) -> PyramidOutput:
-        return self.pdfp(self.head(fixed_features, fixed_image), self.head(moving_features, moving_image), slicing_axis)
+    def forward(self, fixed_features, fixed_image, moving_features, moving_image, slicing_axis=None,
+                spacing_zyx=None) -> PyramidOutput:
+        return self.pdfp(self.head(fixed_features, fixed_image), self.head(moving_features, moving_image),
+                         slicing_axis, spacing_zyx)

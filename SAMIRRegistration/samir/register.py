@@ -27,10 +27,12 @@ from .zeroshot import OptimizerSettings, optimize_pyramid
 
 ProgressFn = Optional[Callable[[str, float], None]]
 
+# Presets bound the finest optimised grid by its voxel count, so the same preset costs about the
+# same on a 2 mm and a 1 mm scan (a 1 mm brain stops at 1/2 resolution with "balanced").
 PRESETS: Dict[str, dict] = {
-    "fast": dict(finest_level=3, iterations=(60, 50, 40)),
-    "balanced": dict(finest_level=2, iterations=(80, 80, 60, 50)),
-    "accurate": dict(finest_level=1, iterations=(100, 100, 80, 60, 40)),
+    "fast": dict(max_voxels=300_000, iterations=(60, 50, 40, 40, 30)),
+    "balanced": dict(max_voxels=1_500_000, iterations=(80, 80, 60, 50, 40)),
+    "accurate": dict(max_voxels=None, iterations=(100, 100, 80, 60, 40)),
 }
 MODES = ("zeroshot",)
 MIN_OVERLAP = 0.05
@@ -47,7 +49,7 @@ class RegistrationOptions:
     normalization: str = "auto"
     slicing_axis: Optional[int] = None  # in the fixed array's (z, y, x) axes
     feature_channels: int = 16
-    use_features: bool = True
+    use_features: bool = False  # encoder-feature guidance of the coarse levels (see README: not yet a gain)
     encoder_batch_size: Optional[int] = None  # None: 32 on CUDA, 1 on CPU
     slice_stride: Optional[int] = None  # encode every n-th slice; None: match the in-plane feature spacing
     seed: int = 0
@@ -204,7 +206,8 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
         moving_valid = coverage * (resample_into(moving_mask, fixed, labels=True).array > 0)
     u, levels = optimize_pyramid(as_tensor(fixed01), as_tensor(moving01), fixed.spacing_zyx, settings,
                                  fixed_features, moving_features, axis, fixed_mask_t, as_tensor(moving_valid),
-                                 progress=lambda f: report("optimise", f))
+                                 feature_spacing_mm=fixed_features.feature_spacing_mm(fixed.spacing_zyx)
+                                 if fixed_features is not None else 0.0, progress=lambda f: report("optimise", f))
     timings["optimise_s"] = time.perf_counter() - t0
     u = u.detach().float().cpu()
     jac = jacobian_determinant(u)[0].numpy()

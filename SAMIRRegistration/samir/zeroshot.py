@@ -9,7 +9,8 @@ free parameter optimised with Adam on this pair instead of predicted by a traine
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -21,14 +22,19 @@ from .pyramid import pyramid_shapes
 from .spatial import compose, integrate, resize_field, resize_volume, warp
 
 
+CONTENT_THRESHOLD = 0.02  # normalised intensity above which a voxel is not background
+
+
 @dataclass
 class OptimizerSettings:
     levels: int = 5
-    finest_level: int = 2  # optimise down to this level; the field is then upsampled to full resolution
+    finest_level: int = 1  # optimise down to this level at most; the field is then upsampled to full resolution
+    max_voxels: Optional[int] = None  # ... and stop at the finest level with no more voxels than this
     iterations: Sequence[int] = (80, 80, 60, 40, 30)  # per level, coarsest first
     learning_rate: float = 0.25
-    smoothness: float = 1.0
+    smoothness: float = 0.3
     feature_weight: float = 1.0
+    feature_similarity: str = "mse"  # mean squared difference, or "ncc" (local NCC per channel, slower)
     ncc_weight: float = 1.0
     ncc_window: int = 9
     velocity_sigma: float = 1.0
@@ -75,17 +81,24 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
                      fixed_features: Optional[SliceFeatures] = None, moving_features: Optional[SliceFeatures] = None,
                      slicing_axis: Optional[int] = None, fixed_mask: Optional[torch.Tensor] = None,
                      moving_mask: Optional[torch.Tensor] = None, initial_field: Optional[torch.Tensor] = None,
-                     progress: Optional[Callable[[float], None]] = None) -> tuple:
+                     feature_spacing_mm: float = 0.0, progress: Optional[Callable[[float], None]] = None) -> tuple:
     """Optimise the pyramid for one pair on ``fixed``'s grid.
 
     ``fixed``/``moving``: ``(1, 1, D, H, W)`` in [0, 1] on the same grid; masks likewise (1 = use).
     ``initial_field``: optional full-resolution starting displacement (e.g. a network's output).
+    ``feature_spacing_mm``: in-plane spacing of the encoder features. Features guide the levels whose
+    voxels are at least that coarse (large-scale, structure-aware alignment); finer levels refine on
+    image NCC only, since the features hold no detail there and cost the most.
     Returns the full-resolution displacement ``(1, 3, D, H, W)`` in voxels and per-level reports.
     """
     device = fixed.device
     full_shape = tuple(fixed.shape[2:])
-    shapes = pyramid_shapes(full_shape, settings.levels, slicing_axis)
-    levels = list(range(settings.levels, settings.finest_level - 1, -1))
+    shapes = pyramid_shapes(full_shape, settings.levels, slicing_axis, spacing_zyx)
+    finest = settings.finest_level
+    if settings.max_voxels:
+        while finest < settings.levels and math.prod(shapes[finest - 1]) > settings.max_voxels:
+            finest += 1
+    levels = list(range(settings.levels, finest - 1, -1))
     iterations = list(settings.iterations)[:len(levels)]
     iterations += [iterations[-1]] * (len(levels) - len(iterations))
     total_iterations, done = max(1, sum(iterations)), 0
@@ -99,9 +112,13 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
         f_l, m_l = resize_volume(fixed, shape), resize_volume(moving, shape)
         fm_l = None if fixed_mask is None else (resize_volume(fixed_mask, shape) > 0.5).float()
         mm_l = None if moving_mask is None else resize_volume(moving_mask, shape)
-        if use_features:
+        features_here = use_features and min(spacing_l) >= feature_spacing_mm
+        if features_here:
             ff_l = sample_features(fixed_features, shape, device)
             mf_l = sample_features(moving_features, shape, device)
+            # features are compared where the fixed image has content: encodings of a blank background
+            # and of a noisy one differ without saying anything about anatomy
+            content_l = (F.max_pool3d(f_l, 3, 1, 1) > CONTENT_THRESHOLD).float()
         u_prev = torch.zeros((1, 3, *shape), device=device) if u is None else resize_field(u, shape).detach()
         window = ncc_window(spacing_l, settings.ncc_window if level == 1 else min(settings.ncc_window, 7))
         velocity = torch.zeros((1, 3, *shape), device=device, requires_grad=True)
@@ -115,8 +132,13 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
                 warped_mask = warp(mm_l, u_l, padding_mode="zeros").detach()
                 mask = warped_mask if mask is None else mask * warped_mask
             loss = settings.ncc_weight * local_ncc_loss(f_l, warp(m_l, u_l), window, mask)
-            if use_features:
-                loss = loss + settings.feature_weight * feature_loss(ff_l, warp(mf_l, u_l), mask)
+            if features_here:
+                feature_mask = content_l if mask is None else mask * content_l
+                if settings.feature_similarity == "ncc":
+                    loss = loss + settings.feature_weight * local_ncc_loss(
+                        ff_l.transpose(0, 1), warp(mf_l, u_l).transpose(0, 1), window, feature_mask)
+                else:
+                    loss = loss + settings.feature_weight * feature_loss(ff_l, warp(mf_l, u_l), feature_mask)
             loss = loss + settings.smoothness * diffusion_loss(u_l, spacing_l)
             loss.backward()
             optimizer.step()
