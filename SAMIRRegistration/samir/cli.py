@@ -11,7 +11,7 @@ from typing import List, Optional
 from .encoders import ENCODERS
 from .geometry import SAMIRInputError
 from .intensity import NORMALIZATIONS
-from .register import PRESETS, RegistrationOptions
+from .register import PRESETS, RegistrationOptions, stage_times
 
 STAGES = ("resample", "load encoder", "encode fixed", "encode moving", "optimise", "write outputs")
 
@@ -128,9 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def print_summary(summary: dict, out_dir: str) -> None:
-    t = summary["timings_s"]
-    print(f"registered in {t['total']:.1f} s (encoder {t.get('encoder', 0):.1f} s, optimisation {t['optimise']:.1f} s)"
-          f" on {summary['device']}")
+    print(stage_times(summary))
     print(f"SDlogJ {summary['sdlogj']:.4f}, folding {summary['folding_percent']:.4f} %")
     if "dice_after_mean" in summary:
         print(f"mean Dice {summary['dice_before_mean']:.3f} -> {summary['dice_after_mean']:.3f}")

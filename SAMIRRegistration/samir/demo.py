@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from .geometry import Volume, displacement_lps_to_zyx_voxels, from_sitk, volume_from_ras_affine
 from .io import write_volume
-from .register import ProgressFn, RegistrationOptions
+from .register import ProgressFn, RegistrationOptions, stage_times
 
 LABEL_NAMES = {1: "grey matter", 2: "white matter"}
 
@@ -51,7 +51,7 @@ def random_smooth_displacement(shape, spacing_zyx, max_mm: float = 6.0, control_
     return field_mm / torch.tensor(spacing_zyx, dtype=torch.float32).view(1, 3, 1, 1, 1)
 
 
-def make_demo_pair(resolution: int = 2, max_mm: float = 6.0, gamma: float = 1.5, noise: float = 0.03,
+def make_demo_pair(resolution: int = 2, max_mm: float = 10.0, gamma: float = 1.5, noise: float = 0.03,
                    seed: int = 0) -> dict:
     from .spatial import warp
     fixed, fixed_seg = load_mni152(resolution)
@@ -64,7 +64,7 @@ def make_demo_pair(resolution: int = 2, max_mm: float = 6.0, gamma: float = 1.5,
     return {"fixed": fixed, "fixed_seg": fixed_seg,
             "moving": fixed.with_array(moved.numpy().astype(np.float32), name="mni152_deformed"),
             "moving_seg": fixed_seg.with_array(moving_seg.numpy().astype(np.int32), name="mni152_deformed_gm_wm"),
-            "true_displacement": u}
+            "true_displacement": u, "max_mm": max_mm, "gamma": gamma, "noise": noise}
 
 
 def save_figure(path: Path, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
@@ -127,14 +127,12 @@ def run_demo(out_dir, options: Optional[RegistrationOptions] = None, resolution:
     u = displacement_lps_to_zyx_voxels(disp_lps, pair["fixed"])
     save_figure(out_dir / "demo.png", pair["fixed"].array, pair["moving"].array, warped, u, jac)
     print(f"SAMIR demo: MNI152 at {resolution:g} mm {pair['fixed'].shape[::-1]} vs. a copy under a random smooth"
-          " deformation (max 6 mm), gamma 1.5 and Gaussian noise 0.03")
+          f" deformation (max {pair['max_mm']:g} mm), gamma {pair['gamma']:g} and Gaussian noise {pair['noise']:g}")
     for label, name in LABEL_NAMES.items():
         before, after = summary["dice_before"].get(str(label)), summary["dice_after"].get(str(label))
         print(f"  Dice {name:<13} {before:.3f} -> {after:.3f}")
     print(f"  mean Dice {summary['dice_before_mean']:.3f} -> {summary['dice_after_mean']:.3f}")
     print(f"  SDlogJ {summary['sdlogj']:.4f}   folding {summary['folding_percent']:.4f} %")
-    t = summary["timings_s"]
-    print(f"  time {t['total']:.1f} s (encoder {t.get('encoder', 0):.1f} s, optimisation {t['optimise']:.1f} s)"
-          f" on {summary['device']}")
+    print(f"  {stage_times(summary)}")
     print(f"  outputs and figure in {out_dir} (demo.png)")
     return summary

@@ -218,3 +218,11 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
         "levels": [asdict(level) for level in levels], **peak_memory_mb(device),
     }
     return RegistrationResult(fixed, u, jac, timings, info)
+
+
+def stage_times(summary: dict) -> str:
+    """One line: total time and the main stages, from a summary's ``timings_s``."""
+    t = summary["timings_s"]
+    parts = [f"{name} {t[key]:.1f} s" for key, name in (("encoder", "encoder"), ("optimise", "optimisation"))
+             if key in t]
+    return f"time {t['total']:.1f} s ({', '.join(parts)}) on {summary['device']}"
