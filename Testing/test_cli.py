@@ -6,8 +6,6 @@ import pytest
 import SimpleITK as sitk
 
 from samir.cli import main
-from samir.geometry import Volume
-from samir.io import write_volume
 
 
 @pytest.fixture(scope="module")

@@ -89,3 +89,17 @@ def test_shared_pca_keeps_informative_directions():
     b = codes.permute(0, 2, 3, 1).reshape(-1, 2).double()
     solution = torch.linalg.lstsq(a, b).solution
     assert torch.allclose(a @ solution, b, atol=0.05)
+
+
+def test_frame_locked_component_is_removed():
+    from samir.features import SliceFeatures, remove_frame_component
+    g = torch.Generator().manual_seed(1)
+    frame = torch.randn(1, 4, 6, 6, generator=g)  # same at every slice: "where in the slice"
+    content_a = torch.randn(10, 4, 6, 6, generator=g)
+    content_b = torch.randn(12, 4, 6, 6, generator=g)
+    sets = [SliceFeatures(frame + content_a, 0, (10, 6, 6), (0, 0), 6),
+            SliceFeatures(frame + content_b, 0, (12, 6, 6), (0, 0), 6)]
+    cleaned = remove_frame_component(sets)
+    assert torch.allclose(torch.cat([c.features for c in cleaned]).mean(0), torch.zeros(4, 6, 6), atol=1e-5)
+    residual = cleaned[0].features - content_a
+    assert residual.std() < 0.35 * frame.std()  # what is left is the content's own mean

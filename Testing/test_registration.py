@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from samir.geometry import Volume
 from samir.metrics import dice_per_label, mean_dice

@@ -1,7 +1,7 @@
 import numpy as np
 import SimpleITK as sitk
 
-from samir.geometry import Volume, to_sitk, world_points_of_grid
+from samir.geometry import Volume, world_points_of_grid
 from samir.transforms import resample_with_sitk, warp_labels, warp_volume, write_displacement, write_transform
 from conftest import smooth_random_volume
 

@@ -62,7 +62,6 @@ def run_demons(threads: int) -> dict:
     import SimpleITK as sitk
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     from samir.geometry import to_sitk
-    from samir.register import resample_into
     from samir.spatial import jacobian_determinant
     from samir.geometry import displacement_lps_to_zyx_voxels
     import torch

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -136,6 +136,19 @@ def encode_volume(volume01: np.ndarray, encoder: SliceEncoder, axis: int, device
         out[empty] = out[int(torch.nonzero(empty)[0])].clone()
     volume_shape = tuple(volume01.shape)
     return SliceFeatures(out, axis, volume_shape, (pad_h, pad_w), side)
+
+
+def remove_frame_component(feature_sets: Sequence[SliceFeatures]) -> List[SliceFeatures]:
+    """Subtract, at each in-plane feature pixel, the mean feature over all slices of all sets.
+
+    ViT encoders add an absolute position embedding, and padding borders sit at fixed places of
+    the frame, so part of every feature says *where in the slice* a pixel is rather than what is
+    there; matching that part pulls the registration towards the identity. Its average over many
+    slices is an estimate of it.
+    """
+    total = sum(fs.features.float().sum(0) for fs in feature_sets)
+    mean = total / sum(fs.features.shape[0] for fs in feature_sets)
+    return [replace(fs, features=(fs.features.float() - mean).to(fs.features.dtype)) for fs in feature_sets]
 
 
 @dataclass

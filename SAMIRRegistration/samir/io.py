@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -118,7 +118,3 @@ def staged_output_dir(out_dir: PathLike) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-
-
-def optional(path: Optional[PathLike]) -> Optional[Path]:
-    return Path(path) if path else None

@@ -11,7 +11,6 @@ import random
 import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -19,7 +18,8 @@ import SimpleITK as sitk
 import torch
 
 from .encoders import ENCODERS, SliceEncoder, build_encoder
-from .features import auto_slice_stride, choose_slicing_axis, encode_volume, fit_channel_reduction, reduce_channels
+from .features import (auto_slice_stride, choose_slicing_axis, encode_volume, fit_channel_reduction, reduce_channels,
+                       remove_frame_component)
 from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps, from_sitk, to_sitk
 from .intensity import normalize_intensity, resolve_normalization
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
@@ -191,6 +191,7 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
                                        lambda f: report("encode fixed", f), stride)
         moving_features = encode_volume(moving01, encoder, axis, device, options.encoder_batch_size,
                                         lambda f: report("encode moving", f), stride)
+        fixed_features, moving_features = remove_frame_component([fixed_features, moving_features])
         reduction = fit_channel_reduction([fixed_features, moving_features], options.feature_channels, seed=options.seed)
         fixed_features = reduce_channels(fixed_features, reduction)
         moving_features = reduce_channels(moving_features, reduction)
