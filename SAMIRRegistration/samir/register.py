@@ -128,7 +128,7 @@ def resample_into(moving: Volume, reference: Volume, labels: bool = False) -> Vo
     interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
     out = sitk.Resample(to_sitk(moving), to_sitk(reference.with_array(np.zeros(reference.shape, np.uint8))),
                         sitk.Transform(), interp, 0.0)
-    return replace(from_sitk(out, moving.name), name=moving.name)
+    return from_sitk(out, moving.name)
 
 
 def coverage_of(moving: Volume, reference: Volume) -> np.ndarray:

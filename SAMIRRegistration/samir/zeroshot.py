@@ -122,11 +122,13 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
         u_prev = torch.zeros((1, 3, *shape), device=device) if u is None else resize_field(u, shape).detach()
         window = ncc_window(spacing_l, settings.ncc_window if level == 1 else min(settings.ncc_window, 7))
         velocity = torch.zeros((1, 3, *shape), device=device, requires_grad=True)
+        level_field = lambda v: compose(u_prev, integrate(gaussian_smooth(v, settings.velocity_sigma),
+                                                          settings.integration_steps))
         optimizer = torch.optim.Adam([velocity], lr=settings.learning_rate)
         best, stall, loss_value, it = float("inf"), 0, float("nan"), 0
         for it in range(1, n_iter + 1):
             optimizer.zero_grad(set_to_none=True)
-            u_l = compose(u_prev, integrate(gaussian_smooth(velocity, settings.velocity_sigma), settings.integration_steps))
+            u_l = level_field(velocity)
             mask = fm_l
             if mm_l is not None:
                 warped_mask = warp(mm_l, u_l, padding_mode="zeros").detach()
@@ -153,7 +155,7 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
                 break
         done += n_iter
         with torch.no_grad():
-            u = compose(u_prev, integrate(gaussian_smooth(velocity, settings.velocity_sigma), settings.integration_steps))
+            u = level_field(velocity)
         reports.append(LevelReport(level, shape, it, loss_value))
         if progress:
             progress(done / total_iterations)
