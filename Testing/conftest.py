@@ -7,6 +7,22 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_cache_dirs(tmp_path_factory):
+    """Never write to the user's real cache folders, and never download encoder weights in tests.
+
+    Session-scoped so that module- and session-scoped fixtures (which run before function-scoped
+    ones) see it too; tests that need a fresh folder set their own with ``monkeypatch.setenv``.
+    """
+    root = tmp_path_factory.mktemp("user-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(root))
+        patch.setenv("SAMIR_CACHE_DIR", str(root / "samir" / "features"))
+        patch.setenv("SAMIR_WEIGHTS_DIR", str(root / "samir" / "weights"))
+        patch.setenv("SAMIR_OFFLINE", "1")
+        yield root
+
+
 @pytest.fixture(scope="session")
 def demo_pair():
     """MNI152 at 4 mm (nilearn wheel) and a deformed, contrast-changed, noisy copy with GM/WM labels."""

@@ -51,6 +51,24 @@ def test_written_transform_reproduces_the_warped_image_in_simpleitk(cli_run, dem
     assert set(np.unique(labels)) == {0, 1, 2}
 
 
+def test_tfm_transform_format_maps_points_like_the_h5(cli_run, demo_files, tmp_path):
+    _, out = cli_run
+    out_tfm = tmp_path / "tfm"
+    code = main(["register", str(demo_files["fixed"]), str(demo_files["moving"]), "--out", str(out_tfm),
+                 "--preset", "fast", "--progress", "none", "--transform-format", "tfm",
+                 "--iterations", "10", "--levels", "3"])
+    assert code == 0
+    assert (out_tfm / "transform.tfm").is_file() and not (out_tfm / "transform.h5").exists()
+    assert json.loads((out_tfm / "summary.json").read_text())["outputs"]["transform"] == "transform.tfm"
+    text_transform = sitk.ReadTransform(str(out_tfm / "transform.tfm"))
+    field = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(out_tfm / "displacement.nii.gz")),
+                                                      sitk.sitkVectorFloat64))
+    fixed = sitk.ReadImage(str(demo_files["fixed"]))
+    for index in ((3, 4, 5), (20, 15, 12)):
+        point = fixed.TransformIndexToPhysicalPoint(index)
+        assert np.allclose(text_transform.TransformPoint(point), field.TransformPoint(point), atol=1e-3)
+
+
 def write_like(path, array, reference_path, origin_shift=(0.0, 0.0, 0.0)):
     """Write ``array`` with the geometry of the reference image (optionally moved far away)."""
     reference = sitk.ReadImage(str(reference_path))

@@ -80,14 +80,14 @@ def _unwrap_state_dict(checkpoint, prefix: str = "image_encoder.") -> Dict[str, 
     return state
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, what: str = "encoder checkpoint") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise SAMIRInputError(f"encoder checkpoint '{path}' does not exist")
+        raise SAMIRInputError(f"{what} '{path}' does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
-        raise SAMIRInputError(f"encoder checkpoint '{path}' could not be loaded as a weights-only PyTorch file: {exc}") from None
+        raise SAMIRInputError(f"{what} '{path}' could not be loaded as a weights-only PyTorch file: {exc}") from None
 
 
 class LiteMedSAMEncoder(SliceEncoder):
@@ -204,7 +204,8 @@ class SAMViTEncoder(SliceEncoder):
 
 def build_encoder(name: str = "litemedsam", checkpoint: Optional[Path] = None,
                   input_size: Optional[int] = None) -> SliceEncoder:
-    """Build a frozen encoder by name. SAM/MedSAM need ``checkpoint`` (a local file)."""
+    """Build a frozen encoder by name. SAM/MedSAM use ``checkpoint`` if given, else the cached official
+    checkpoint, downloaded on first use (:func:`samir.weights.resolve_encoder_weights`)."""
     if name not in ENCODERS:
         raise SAMIRInputError(f"unknown encoder '{name}'; choose one of {', '.join(ENCODERS)}")
     if name == "litemedsam":
@@ -212,5 +213,8 @@ def build_encoder(name: str = "litemedsam", checkpoint: Optional[Path] = None,
             raise SAMIRInputError(f"litemedsam runs at k = 256 only (got k = {input_size})")
         return LiteMedSAMEncoder(checkpoint)
     if checkpoint is None:
-        raise SAMIRInputError(f"encoder '{name}' needs its checkpoint file: pass --weights PATH")
+        if input_size is not None and (input_size % 16 or input_size < 64):  # before a long download
+            raise SAMIRInputError(f"k = {input_size} is not supported by a SAM ViT encoder: use a multiple of 16, >= 64")
+        from .weights import resolve_encoder_weights
+        checkpoint = resolve_encoder_weights(name)
     return SAMViTEncoder(Path(checkpoint), input_size or DEFAULT_INPUT_SIZE[name], variant=name)

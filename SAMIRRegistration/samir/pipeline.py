@@ -2,8 +2,9 @@
 
 Output folder (all on the fixed image's grid, physical space of the fixed image):
 
-* ``transform.h5`` — ITK displacement-field transform (LPS; fixed point -> moving point); SimpleITK,
-  ANTs and 3D Slicer read it and resample the moving image onto the fixed one with it.
+* ``transform.h5`` (or ``transform.tfm`` with ``transform_format="tfm"``) — ITK displacement-field
+  transform (LPS; fixed point -> moving point); SimpleITK, ANTs and 3D Slicer read it and resample
+  the moving image onto the fixed one with it. ``.tfm`` is text: about 20x larger, slower to read.
 * ``displacement.nii.gz`` — the same field as a 3-component vector image in LPS millimetres.
 * ``warped.nii.gz`` — the moving image resampled onto the fixed grid.
 * ``warped_seg.nii.gz`` — the moving segmentation propagated to the fixed grid (if given).
@@ -44,12 +45,21 @@ def dice_summary(fixed_seg: Volume, moving_seg_on_fixed: np.ndarray, warped_seg:
             "dice_before_mean": mean_dice(before), "dice_after_mean": mean_dice(after)}
 
 
+TRANSFORM_FORMATS = ("h5", "tfm")
+
+
+def output_files(transform_format: str = "h5") -> Dict[str, str]:
+    if transform_format not in TRANSFORM_FORMATS:
+        raise SAMIRInputError(f"unknown transform format '{transform_format}'; choose one of {', '.join(TRANSFORM_FORMATS)}")
+    return {**OUTPUT_FILES, "transform": f"transform.{transform_format}"}
+
+
 def write_outputs(stage: Path, result: RegistrationResult, moving: Volume, moving_seg: Optional[Volume],
-                  fixed_seg: Optional[Volume], device: str = "cpu") -> dict:
+                  fixed_seg: Optional[Volume], device: str = "cpu", transform_format: str = "h5") -> dict:
     """Write every output of ``result`` into ``stage``; returns the metric part of the summary."""
     fixed = result.fixed
     displacement = result.displacement_lps
-    write_transform(displacement, fixed, stage / OUTPUT_FILES["transform"])
+    write_transform(displacement, fixed, stage / output_files(transform_format)["transform"])
     write_displacement(displacement, fixed, stage / OUTPUT_FILES["displacement"])
     write_volume(warp_volume(moving, fixed, displacement, device=device), stage / OUTPUT_FILES["warped"])
     write_volume(fixed.with_array(result.jacobian.astype(np.float32)), stage / OUTPUT_FILES["jacobian"])
@@ -68,11 +78,13 @@ def write_outputs(stage: Path, result: RegistrationResult, moving: Volume, movin
 def run_registration(fixed_path: PathLike, moving_path: PathLike, out_dir: PathLike, *,
                      moving_seg_path: Optional[PathLike] = None, fixed_seg_path: Optional[PathLike] = None,
                      fixed_mask_path: Optional[PathLike] = None, moving_mask_path: Optional[PathLike] = None,
-                     options: Optional[RegistrationOptions] = None, progress: ProgressFn = None) -> dict:
+                     options: Optional[RegistrationOptions] = None, progress: ProgressFn = None,
+                     transform_format: str = "h5") -> dict:
     """Register two image files and write the output folder; returns the summary."""
     options = options or RegistrationOptions()
     start = time.perf_counter()
     options.validate()
+    files = output_files(transform_format)
     fixed = read_image(fixed_path, "fixed")
     moving = read_image(moving_path, "moving")
     moving_seg = read_labels(moving_seg_path, "moving") if moving_seg_path else None
@@ -88,7 +100,8 @@ def run_registration(fixed_path: PathLike, moving_path: PathLike, out_dir: PathL
     report("write outputs", 0.0)
     t0 = time.perf_counter()
     with staged_output_dir(out_dir) as stage:
-        metrics = write_outputs(stage, result, moving, moving_seg, fixed_seg, device=result.info["device"])
+        metrics = write_outputs(stage, result, moving, moving_seg, fixed_seg, device=result.info["device"],
+                                transform_format=transform_format)
         summary = {
             "samir_version": __version__,
             "inputs": {"fixed": str(fixed_path), "moving": str(moving_path), "moving_seg": str(moving_seg_path or ""),
@@ -99,10 +112,10 @@ def run_registration(fixed_path: PathLike, moving_path: PathLike, out_dir: PathL
             "timings_s": {"read": read_s, **{k[:-2]: v for k, v in result.timings.items()},
                           "write": time.perf_counter() - t0},
             **metrics,
-            "outputs": {k: v for k, v in OUTPUT_FILES.items() if (stage / v).exists() or k == "summary"},
+            "outputs": {k: v for k, v in files.items() if (stage / v).exists() or k == "summary"},
         }
         summary["timings_s"]["total"] = time.perf_counter() - start
         summary.update(peak_memory_mb(torch.device(result.info["device"])))
-        (stage / OUTPUT_FILES["summary"]).write_text(json.dumps(summary, indent=2))
+        (stage / files["summary"]).write_text(json.dumps(summary, indent=2))
     report("write outputs", 1.0)
     return summary

@@ -7,23 +7,26 @@ displacement field on the fixed grid, in voxels for the engine and in LPS millim
 """
 from __future__ import annotations
 
+import math
 import random
 import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from .encoders import ENCODERS, SliceEncoder, build_encoder
+from .feature_cache import FeatureCache
 from .features import (auto_slice_stride, choose_slicing_axis, encode_volume, fit_channel_reduction, reduce_channels,
                        remove_frame_component)
 from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps, from_sitk, to_sitk
 from .intensity import normalize_intensity, resolve_normalization
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
-from .zeroshot import OptimizerSettings, optimize_pyramid
+from .resources import check_host_memory, estimate_peak_memory_mb, resolve_device, run_with_oom_fallback
+from .zeroshot import OptimizerSettings, optimize_pyramid, optimised_level_shapes
 
 ProgressFn = Optional[Callable[[str, float], None]]
 
@@ -34,15 +37,17 @@ PRESETS: Dict[str, dict] = {
     "balanced": dict(max_voxels=1_500_000, iterations=(80, 80, 60, 50, 40)),
     "accurate": dict(max_voxels=None, iterations=(100, 100, 80, 60, 40)),
 }
-MODES = ("zeroshot",)
+MODES = ("zeroshot", "network")
 MIN_OVERLAP = 0.05
 
 
 @dataclass
 class RegistrationOptions:
-    mode: str = "zeroshot"
-    encoder: str = "litemedsam"
+    mode: str = "zeroshot"  # or "network": a trained SAMIR network (``network``), optionally refined
+    encoder: Optional[str] = None  # None: litemedsam, or the encoder the network was trained on
     weights: Optional[str] = None  # encoder checkpoint (SAM / MedSAM)
+    network: Optional[str] = None  # SAMIR network checkpoint (mode "network")
+    refine_iterations: int = 0  # network mode: instance-optimisation steps per level after the forward pass
     input_size: Optional[int] = None  # encoder k
     preset: str = "balanced"
     device: str = "auto"
@@ -53,6 +58,7 @@ class RegistrationOptions:
     encoder_batch_size: Optional[int] = None  # None: 32 on CUDA, 1 on CPU
     slice_stride: Optional[int] = None  # encode every n-th slice; None: match the in-plane feature spacing
     seed: int = 0
+    use_cache: bool = True  # reuse / store encoder features on disk (feature_cache.py; --no-cache)
     optimizer: dict = field(default_factory=dict)  # overrides of OptimizerSettings
 
     def settings(self) -> OptimizerSettings:
@@ -70,10 +76,18 @@ class RegistrationOptions:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise SAMIRInputError(f"unknown mode '{self.mode}'; choose one of {', '.join(MODES)}")
-        if self.encoder not in ENCODERS:
+        if self.encoder is not None and self.encoder not in ENCODERS:
             raise SAMIRInputError(f"unknown encoder '{self.encoder}'; choose one of {', '.join(ENCODERS)}")
         if self.slicing_axis not in (None, 0, 1, 2):
             raise SAMIRInputError(f"slicing axis must be 0, 1 or 2 (z, y, x), got {self.slicing_axis}")
+        if self.mode == "network" and not self.network:
+            raise SAMIRInputError("mode 'network' needs a trained SAMIR network checkpoint (--network CKPT)")
+        if self.mode != "network" and self.network:
+            raise SAMIRInputError("a network checkpoint was given but the mode is zero-shot: add --mode network")
+        if not isinstance(self.refine_iterations, int) or self.refine_iterations < 0:
+            raise SAMIRInputError(f"refine iterations must be a non-negative integer, got {self.refine_iterations!r}")
+        if self.refine_iterations and self.mode != "network":
+            raise SAMIRInputError("--refine continues from a trained network's field: it needs --mode network")
         resolve_device(self.device)
         self.settings()
 
@@ -98,27 +112,6 @@ class RegistrationResult:
     @property
     def folding_percent(self) -> float:
         return 100.0 * folding_fraction(torch.from_numpy(self.jacobian))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            try:
-                torch.zeros(1, device="cuda")
-                return torch.device("cuda")
-            except RuntimeError:
-                pass
-        return torch.device("cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SAMIRInputError(f"device '{name}' was requested but CUDA is not available here; use --device cpu or auto")
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SAMIRInputError(f"device '{name}' does not exist: {torch.cuda.device_count()} CUDA device(s) found")
-        return dev
-    raise SAMIRInputError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N")
 
 
 def resample_into(moving: Volume, reference: Volume, labels: bool = False) -> Volume:
@@ -150,6 +143,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def encode_pair(fixed01: np.ndarray, moving01: np.ndarray, encoder: SliceEncoder, axis: int, device: torch.device,
+                options: RegistrationOptions, stride: int, report: Callable[[str, float], None],
+                cache: Optional[FeatureCache] = None, normalization: str = "", spacing_zyx=None,
+                notes: Optional[List[str]] = None):
+    """The encoder's raw features of the normalised fixed and moving volumes (slices along ``axis``).
+
+    With ``cache``, features stored there for the same content, encoder, ``normalization``, axis and
+    stride are reused, and new ones stored."""
+    def encode(label: str, volume01: np.ndarray):
+        batch = options.encoder_batch_size or (32 if device.type == "cuda" else 1)
+        run = lambda: run_with_oom_fallback(
+            lambda dev, b: encode_volume(volume01, encoder, axis, dev, b, lambda f: report(f"encode {label}", f), stride),
+            device, batch, f"encoding the {label} image", notes if notes is not None else [])
+        if cache is None:
+            return run()
+        return cache.fetch_or_encode(label, volume01, spacing_zyx, normalization, encoder, axis, stride, device, run)
+    return encode("fixed", fixed01), encode("moving", moving01)
+
+
+def reduce_pair(fixed_features, moving_features, options: RegistrationOptions):
+    """Zero-shot guidance features: frame component removed, PCA shared by the pair."""
+    fixed_features, moving_features = remove_frame_component([fixed_features, moving_features])
+    reduction = fit_channel_reduction([fixed_features, moving_features], options.feature_channels, seed=options.seed)
+    return reduce_channels(fixed_features, reduction), reduce_channels(moving_features, reduction)
+
+
 def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOptions] = None,
              fixed_mask: Optional[Volume] = None, moving_mask: Optional[Volume] = None,
              encoder: Optional[SliceEncoder] = None, progress: ProgressFn = None) -> RegistrationResult:
@@ -160,7 +179,18 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     device = resolve_device(options.device)
     seed_everything(options.seed)
     timings: Dict[str, float] = {}
+    notes: List[str] = []
     report = progress or (lambda stage, fraction: None)
+
+    model = None
+    if options.mode == "network":
+        from .network import load_model
+        model = load_model(options.network, encoder=options.encoder, input_size=options.input_size)
+    encoder_name = model.config.encoder if model is not None else (options.encoder or "litemedsam")
+    input_size = model.config.input_size if model is not None else options.input_size
+    normalization = options.normalization
+    if model is not None and normalization == "auto":
+        normalization = model.config.normalization
 
     t0 = time.perf_counter()
     report("resample", 0.0)
@@ -171,52 +201,87 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
             f"fixed and moving images do not overlap in physical space: only {100 * overlap:.1f}% of the fixed"
             " image lies inside the moving image (check origins and orientations, or align them first)")
     moving_on_fixed = resample_into(moving, fixed)
-    norm = resolve_normalization(fixed.array, options.normalization)
+    norm = resolve_normalization(fixed.array, normalization)
     fixed01 = normalize_intensity(fixed.array, norm)
     moving01 = normalize_intensity(moving_on_fixed.array, norm, mask=coverage)
     axis = options.slicing_axis if options.slicing_axis is not None else choose_slicing_axis(fixed.shape, fixed.spacing_zyx)
+    need_features = model is not None or (options.use_features and settings.feature_weight > 0)
+    optimised = optimised_level_shapes(fixed.shape, settings, axis, fixed.spacing_zyx)
+    estimate = estimate_peak_memory_mb(
+        fixed.shape, math.prod(optimised[-1]) if optimised and (model is None or options.refine_iterations) else 0,
+        encoded_slices=2 * fixed.shape[axis] if need_features else 0, network=model is not None,
+        on_gpu=device.type == "cuda")
+    check_host_memory(estimate, fixed.shape)
     timings["resample_s"] = time.perf_counter() - t0
     report("resample", 1.0)
 
-    fixed_features = moving_features = stride = None
-    if options.use_features and settings.feature_weight > 0:
+    fixed_features = moving_features = stride = cache = None
+    if need_features:
         t0 = time.perf_counter()
         if encoder is None:
             report("load encoder", 0.0)
-            encoder = build_encoder(options.encoder, options.weights, options.input_size)
+            encoder = build_encoder(encoder_name, options.weights, input_size)
+        if model is not None and (encoder.name != model.config.encoder or encoder.input_size != model.config.input_size):
+            raise SAMIRInputError(f"the network was trained on {model.config.encoder} (k = {model.config.input_size})"
+                                  f" features, the encoder given is {encoder.name} (k = {encoder.input_size})")
         timings["encoder_load_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stride = options.slice_stride or auto_slice_stride(fixed.shape, fixed.spacing_zyx, axis, encoder.feature_size)
-        fixed_features = encode_volume(fixed01, encoder, axis, device, options.encoder_batch_size,
-                                       lambda f: report("encode fixed", f), stride)
-        moving_features = encode_volume(moving01, encoder, axis, device, options.encoder_batch_size,
-                                        lambda f: report("encode moving", f), stride)
-        fixed_features, moving_features = remove_frame_component([fixed_features, moving_features])
-        reduction = fit_channel_reduction([fixed_features, moving_features], options.feature_channels, seed=options.seed)
-        fixed_features = reduce_channels(fixed_features, reduction)
-        moving_features = reduce_channels(moving_features, reduction)
+        cache = FeatureCache() if options.use_cache else None
+        fixed_features, moving_features = encode_pair(fixed01, moving01, encoder, axis, device, options, stride, report,
+                                                      cache=cache, normalization=norm, spacing_zyx=fixed.spacing_zyx,
+                                                      notes=notes)
         timings["encoder_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None].to(device)
-    fixed_mask_t = None
-    if fixed_mask is not None:
-        fixed_mask_t = as_tensor(resample_into(fixed_mask, fixed, labels=True).array > 0)
+    fixed_mask_np = None if fixed_mask is None else resample_into(fixed_mask, fixed, labels=True).array > 0
     moving_valid = coverage
     if moving_mask is not None:
         moving_valid = coverage * (resample_into(moving_mask, fixed, labels=True).array > 0)
-    u, levels = optimize_pyramid(as_tensor(fixed01), as_tensor(moving01), fixed.spacing_zyx, settings,
-                                 fixed_features, moving_features, axis, fixed_mask_t, as_tensor(moving_valid),
-                                 feature_spacing_mm=fixed_features.feature_spacing_mm(fixed.spacing_zyx)
-                                 if fixed_features is not None else 0.0, progress=lambda f: report("optimise", f))
-    timings["optimise_s"] = time.perf_counter() - t0
+    guide = model is None and fixed_features is not None
+    if guide:
+        fixed_features, moving_features = reduce_pair(fixed_features, moving_features, options)
+    if model is not None:
+        settings = replace(settings, optimised_levels=2, iterations=(options.refine_iterations,))
+
+    def compute_field(dev: torch.device, _batch: int):
+        """Network forward pass and/or pyramid optimisation on ``dev``; returns (field, level reports)."""
+        t_start = time.perf_counter()
+        used_device[0] = dev
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None].to(dev)
+        fixed_t, moving_t = as_tensor(fixed01), as_tensor(moving01)
+        initial_field = None
+        if model is not None:
+            from .network import predict_field
+            report("network", 0.0)
+            initial_field = predict_field(model, fixed_t, moving_t, fixed_features, moving_features,
+                                          fixed.spacing_zyx, axis)
+            report("network", 1.0)
+            timings["network_s"] = time.perf_counter() - t_start
+            t_start = time.perf_counter()
+            if not options.refine_iterations:
+                return initial_field, []
+        field_, reports = optimize_pyramid(
+            fixed_t, moving_t, fixed.spacing_zyx, settings, fixed_features if guide else None,
+            moving_features if guide else None, axis, None if fixed_mask_np is None else as_tensor(fixed_mask_np),
+            as_tensor(moving_valid), initial_field=initial_field,
+            feature_spacing_mm=fixed_features.feature_spacing_mm(fixed.spacing_zyx) if guide else 0.0,
+            progress=lambda f: report("optimise", f))
+        timings["optimise_s"] = time.perf_counter() - t_start
+        return field_, reports
+
+    used_device = [device]
+    u, levels = run_with_oom_fallback(compute_field, device, 1, "registration", notes)
+    device = used_device[0]
     u = u.detach().float().cpu()
     jac = jacobian_determinant(u)[0].numpy()
     info = {
         "mode": options.mode, "encoder": encoder.describe() if encoder is not None else None,
+        "network": model.describe() if model is not None else None, "refine_iterations": options.refine_iterations,
         "device": str(device), "preset": options.preset, "normalization": norm, "slicing_axis_zyx": axis,
-        "slice_stride": stride if fixed_features is not None else None, "overlap_fraction": overlap, "optimizer": settings.to_dict(),
-        "levels": [asdict(level) for level in levels], **peak_memory_mb(device),
+        "slice_stride": stride, "overlap_fraction": overlap, "optimizer": settings.to_dict(),
+        "feature_cache": cache.report() if cache is not None else ({"enabled": False} if stride is not None else None),
+        "levels": [asdict(level) for level in levels], "notes": notes, "estimated_peak_host_mb": estimate,
+        **peak_memory_mb(device),
     }
     return RegistrationResult(fixed, u, jac, timings, info)
 

@@ -29,6 +29,7 @@ CONTENT_THRESHOLD = 0.02  # normalised intensity above which a voxel is not back
 class OptimizerSettings:
     levels: int = 5
     finest_level: int = 1  # optimise down to this level at most; the field is then upsampled to full resolution
+    optimised_levels: Optional[int] = None  # only the this many finest of the optimised levels (refinement)
     max_voxels: Optional[int] = None  # ... and stop at the finest level with no more voxels than this
     iterations: Sequence[int] = (80, 80, 60, 40, 30)  # per level, coarsest first
     learning_rate: float = 0.25
@@ -76,6 +77,24 @@ def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x
 
 
+def optimised_levels(shapes: Sequence[tuple], settings: OptimizerSettings) -> List[int]:
+    """The levels optimised, coarsest first (level 1 = full resolution), for the pyramid ``shapes``."""
+    finest = settings.finest_level
+    if settings.max_voxels:
+        while finest < settings.levels and math.prod(shapes[finest - 1]) > settings.max_voxels:
+            finest += 1
+    levels = list(range(settings.levels, finest - 1, -1))
+    if settings.optimised_levels:
+        levels = levels[-settings.optimised_levels:]
+    return levels
+
+
+def optimised_level_shapes(shape: Sequence[int], settings: OptimizerSettings, slicing_axis: Optional[int] = None,
+                           spacing_zyx: Optional[Sequence[float]] = None) -> List[tuple]:
+    shapes = pyramid_shapes(shape, settings.levels, slicing_axis, spacing_zyx)
+    return [shapes[level - 1] for level in optimised_levels(shapes, settings)]
+
+
 def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Sequence[float],
                      settings: OptimizerSettings,
                      fixed_features: Optional[SliceFeatures] = None, moving_features: Optional[SliceFeatures] = None,
@@ -94,11 +113,7 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
     device = fixed.device
     full_shape = tuple(fixed.shape[2:])
     shapes = pyramid_shapes(full_shape, settings.levels, slicing_axis, spacing_zyx)
-    finest = settings.finest_level
-    if settings.max_voxels:
-        while finest < settings.levels and math.prod(shapes[finest - 1]) > settings.max_voxels:
-            finest += 1
-    levels = list(range(settings.levels, finest - 1, -1))
+    levels = optimised_levels(shapes, settings)
     iterations = list(settings.iterations)[:len(levels)]
     iterations += [iterations[-1]] * (len(levels) - len(iterations))
     total_iterations, done = max(1, sum(iterations)), 0
