@@ -51,3 +51,12 @@ def smooth_random_volume(shape, seed=0, blobs=12):
         r = rng.uniform(2, max(3, min(shape) / 3))
         out += np.exp(-((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) / (2 * r * r))
     return out / out.max()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Torch on one thread for the module's tests (tiny tensors: faster, and bit-reproducible)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

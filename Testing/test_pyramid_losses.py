@@ -70,3 +70,18 @@ def test_soft_dice_and_diffusion():
     u[:, 2] = torch.arange(6.0)  # d u_w / d w = 1 voxel/voxel
     # physical: 2 mm of displacement per 2 mm along w, one of three components -> mean 1/3
     assert torch.isclose(diffusion_loss(u, (1.0, 1.0, 2.0)), torch.tensor(1.0 / 3.0))
+
+
+def test_mind_descriptor_ignores_contrast_but_not_structure():
+    from samir.losses import mind_loss, mind_ssc
+    g = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.avg_pool3d(torch.rand((1, 1, 24, 26, 28), generator=g), 3, 1, 1)
+    base = mind_ssc(image)
+    assert base.shape == (1, 12, 24, 26, 28)
+    assert float(base.min()) >= 0 and float(base.max()) <= 1
+    # inverted and affinely rescaled intensities: the same descriptor
+    assert torch.allclose(mind_ssc(1.0 - image), base, atol=1e-5)
+    assert torch.allclose(mind_ssc(3.0 * image + 2.0), base, atol=1e-2)
+    # a shifted image: a different descriptor, and the loss grows with the shift
+    shifted = [float(mind_loss(base, mind_ssc(torch.roll(image, s, dims=4)))) for s in (0, 1, 3)]
+    assert shifted[0] == 0 and shifted[1] > 0 and shifted[2] > shifted[1]

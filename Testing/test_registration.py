@@ -54,3 +54,31 @@ def test_feature_guided_zero_shot_runs_end_to_end_on_real_encoder_features(demo_
     assert info["slice_stride"] >= 1 and "encoder_s" in result.timings
     assert np.isfinite(result.displacement.numpy()).all()
     assert result.folding_percent < 0.1
+
+
+def test_reversed_contrast_is_detected_and_registered_with_mind():
+    """T2-like moving (tissue order reversed inside the head, MNI152 at 2 mm): auto picks MIND-SSC and
+    aligns it, where local NCC matches structures onto the wrong ones."""
+    from samir.demo import make_demo_pair
+    pair = make_demo_pair(resolution=2, max_mm=10.0, gamma=1.0, noise=0.0, seed=2)
+    fixed, moving = pair["fixed"], pair["moving"]
+    m = moving.array.astype(np.float32)
+    m = (m - m.min()) / (m.max() - m.min())
+    noise = np.random.default_rng(0).normal(0, 0.02, m.shape).astype(np.float32)
+    t2_like = moving.with_array(np.where(m > 0.05, 1.1 - m, 0.0).astype(np.float32) + noise)
+    labels = [1, 2]
+
+    def dice_after(result):
+        warped = warp_labels(pair["moving_seg"], fixed, result.displacement_lps).array
+        return mean_dice(dice_per_label(pair["fixed_seg"].array, warped, labels))
+
+    before = mean_dice(dice_per_label(pair["fixed_seg"].array, pair["moving_seg"].array, labels))
+    result = register(fixed, t2_like, RegistrationOptions(preset="fast"))
+    assert result.info["similarity"] == "mind" and result.info["intensity_rank_correlation"] < 0
+    after = dice_after(result)
+    after_ncc = dice_after(register(fixed, t2_like, RegistrationOptions(preset="fast", similarity="ncc")))
+    assert after > before + 0.02 and after > after_ncc + 0.1, (before, after, after_ncc)
+    assert result.folding_percent < 0.1
+    # the same-contrast pair keeps local NCC
+    same = register(fixed, moving, RegistrationOptions(preset="fast", optimizer={"iterations": (2,)}))
+    assert same.info["similarity"] == "ncc" and same.info["intensity_rank_correlation"] > 0.3

@@ -156,8 +156,12 @@ def table(results, header):
                          f"{r['cold_s']:.1f} s cold, {r['warm_s']:.2f} s warm: {r['speedup']:.0f}x faster.")
             continue
         if r.get("cached"):
-            lines.append(f"| {r['method']} (cached result, `{r['command']}`) | {r['dice']:.3f} | {r['sdlogj']:.3f} | "
-                         f"{r['folding_percent']:.4f} | {r['wall_s']:.0f} | {r.get('peak_rss_mb', float('nan')):.0f} |")
+            fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
+            origin = "cached, measured with bench/ants_syn.py" if r.get("measured_here", True) else "reported, not re-measured"
+            lines.append(f"| {r['method']} ({origin}) | {r['dice']:.3f} | {fmt(r.get('sdlogj'), '.3f')} | "
+                         f"{fmt(r.get('folding_percent'), '.4f')} | {fmt(r.get('wall_s'), '.0f')} | "
+                         f"{fmt(r.get('peak_rss_mb'), '.0f')} |")
+            notes.append(f"{r['method']}: {r.get('source') or r.get('command')}")
             continue
         if r.get("stages_s"):
             stages = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in r["stages_s"].items() if v >= 0.05)

@@ -1,10 +1,13 @@
-"""Does encoder-feature guidance help zero-shot registration?  An ablation on synthetic MNI152 pairs.
+"""Which similarity should zero-shot registration use?  An ablation on synthetic MNI152 pairs.
 
     .venv/bin/python bench/feature_guidance.py [--preset fast] [--out bench/results]
 
 Each scenario deforms the MNI152 T1 (2 mm, from nilearn) with a random smooth field and changes its
-appearance; grey/white-matter labels are propagated and scored by Dice. Variants: image NCC only,
-and NCC plus feature similarity at the coarse levels (MSE or local NCC of the PCA-reduced features).
+appearance (gamma + noise, smooth bias field + noise, T2-like reversed tissue contrast, a larger
+deformation); grey/white-matter labels are propagated and scored by Dice. Variants: the default
+(``auto``: local NCC unless the intensities are anti-correlated, then MIND-SSC), local NCC only,
+MIND-SSC only, and NCC plus frozen-encoder feature similarity at the coarse levels (MSE or local
+NCC of the PCA-reduced LiteMedSAM features).
 """
 from __future__ import annotations
 
@@ -56,9 +59,11 @@ def make_pair(kind: str, seed: int):
 
 
 VARIANTS = {
-    "ncc only": dict(use_features=False),
-    "features mse": dict(use_features=True, optimizer={"feature_similarity": "mse"}),
-    "features ncc": dict(use_features=True, optimizer={"feature_similarity": "ncc"}),
+    "auto (default)": dict(use_features=False, similarity="auto"),
+    "ncc only": dict(use_features=False, similarity="ncc"),
+    "mind only": dict(use_features=False, similarity="mind"),
+    "ncc + features mse": dict(use_features=True, similarity="ncc", optimizer={"feature_similarity": "mse"}),
+    "ncc + features ncc": dict(use_features=True, similarity="ncc", optimizer={"feature_similarity": "ncc"}),
 }
 
 
@@ -81,13 +86,14 @@ def main():
             for name in args.variants.split(","):
                 v = VARIANTS[name]
                 opts = RegistrationOptions(preset=args.preset, device="cpu", use_features=v["use_features"],
-                                           optimizer=dict(v.get("optimizer", {})))
+                                           similarity=v["similarity"], optimizer=dict(v.get("optimizer", {})))
                 t0 = time.perf_counter()
                 result = register(fixed, moving, opts, encoder=encoder)
                 wall = time.perf_counter() - t0
                 warped = warp_labels(moving_lab, fixed, result.displacement_lps).array
                 after = mean_dice(dice_per_label(fixed_lab.array, warped, labs))
-                row = dict(scenario=kind, seed=seed, variant=name, dice_before=before, dice_after=after,
+                row = dict(scenario=kind, seed=seed, variant=name, similarity=result.info["similarity"],
+                           dice_before=before, dice_after=after,
                            sdlogj=result.sdlogj, folding_percent=result.folding_percent, wall_s=wall,
                            encoder_s=result.timings.get("encoder_s", 0.0))
                 rows.append(row)

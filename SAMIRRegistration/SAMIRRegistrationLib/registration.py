@@ -84,6 +84,19 @@ class SceneUndoList:
         self.created.clear()
 
 
+def wait_until_finished(task, timeout_s: Optional[float], what: str) -> RunState:
+    """Poll ``task`` (``poll()``, ``cancel()``, ``state``, ``error_message``) until it finishes or
+    ``timeout_s`` passes; a task stopped by the timeout is cancelled, which leaves the scene as it was."""
+    deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+    while not task.poll().finished:
+        if deadline is not None and time.perf_counter() > deadline:
+            task.cancel()
+            task.error_message = f"the {what} did not finish within {timeout_s:.0f} s and was stopped"
+            break
+        time.sleep(0.05)
+    return task.state
+
+
 class PairRegistrationTask:
     """Deformably register ``moving_node`` onto ``fixed_node``; ``start``/``poll``/``wait``/``cancel``.
 
@@ -183,14 +196,7 @@ class PairRegistrationTask:
         return self.state
 
     def wait(self, timeout_s: Optional[float] = None) -> RunState:
-        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
-        while not self.poll().finished:
-            if deadline is not None and time.perf_counter() > deadline:
-                self.cancel()
-                self.error_message = f"the registration did not finish within {timeout_s:.0f} s and was stopped"
-                break
-            time.sleep(0.05)
-        return self.state
+        return wait_until_finished(self, timeout_s, "registration")
 
     def cancel(self) -> None:
         if self.state == RunState.RUNNING:

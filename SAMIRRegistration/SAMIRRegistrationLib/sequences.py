@@ -22,7 +22,8 @@ from samir.geometry import SAMIRInputError
 
 from .engine_runner import EngineProgress, EngineRun, EngineSettings, LogCallback, RunState
 from .grid_transforms import add_grid_transform_node
-from .registration import EngineRunFactory, ProgressCallback, SceneUndoList, subprocess_engine_runs
+from .registration import (EngineRunFactory, ProgressCallback, SceneUndoList, subprocess_engine_runs,
+                           wait_until_finished)
 from .segmentations import check_segmentation, propagate_segmentation
 from .volumes import node_label, remove_node, volume_from_node
 
@@ -158,14 +159,7 @@ class SequencePropagationTask:
         return self.state
 
     def wait(self, timeout_s: Optional[float] = None) -> RunState:
-        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
-        while not self.poll().finished:
-            if deadline is not None and time.perf_counter() > deadline:
-                self.cancel()
-                self.error_message = f"the propagation did not finish within {timeout_s:.0f} s and was stopped"
-                break
-            time.sleep(0.05)
-        return self.state
+        return wait_until_finished(self, timeout_s, "propagation")
 
     def cancel(self) -> None:
         if self.state == RunState.RUNNING:

@@ -1,4 +1,4 @@
-"""Command line: ``samir register``, ``samir demo``."""
+"""Command line: ``samir register``, ``samir demo`` (training and evaluation commands: :mod:`samir.commands`)."""
 from __future__ import annotations
 
 import argparse
@@ -64,6 +64,9 @@ def add_registration_arguments(parser: argparse.ArgumentParser) -> None:
                              " network's field")
     parser.add_argument("--k", type=int, dest="input_size", help="encoder input size (SAM ViT: multiple of 16, default 512)")
     parser.add_argument("--preset", default="balanced", choices=tuple(PRESETS), help="speed/accuracy trade-off")
+    parser.add_argument("--similarity", default="auto", choices=("auto", "ncc", "mind"),
+                        help="image similarity: ncc (local NCC, same contrast), mind (MIND-SSC, any contrast, e.g. T1 vs"
+                             " T2) or auto (default: ncc unless fixed and moving intensities are anti-correlated)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--normalization", default="auto", choices=NORMALIZATIONS,
                         help="intensity normalisation: mr = percentile clip, ct = HU window [-500, 800]")
@@ -96,6 +99,7 @@ def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
     return RegistrationOptions(
         mode=args.mode, network=network, refine_iterations=args.refine,
         encoder=args.encoder, weights=encoder_weights, input_size=args.input_size, preset=args.preset,
+        similarity=args.similarity,
         device=args.device, normalization=args.normalization, slicing_axis=args.slicing_axis,
         slice_stride=args.slice_stride, use_features=args.features, seed=args.seed, use_cache=not args.no_cache,
         optimizer={"levels": args.levels, "finest_level": args.finest_level, "iterations": args.iterations,
@@ -130,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
     add_registration_arguments(demo)
     add_store_parsers(sub)
+    from .commands import add_parsers as add_training_parsers  # features, train, evaluate, register-batch
+    add_training_parsers(sub)
     return parser
 
 
@@ -143,6 +149,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return print_network_info(args)
         if args.command in ("weights", "cache"):
             return run_store_command(args)
+        from .commands import COMMANDS as TRAINING_COMMANDS, run as run_training_command
+        if args.command in TRAINING_COMMANDS:
+            return run_training_command(args)
         progress = StageProgress(args.progress)
         options = options_from_args(args)
         if args.command == "register":

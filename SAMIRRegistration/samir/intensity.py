@@ -6,6 +6,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 NORMALIZATIONS = ("auto", "mr", "ct")
+# also accepted where a trained network's checkpoint names its normalisation (not a command-line choice)
+ALL_NORMALIZATIONS = NORMALIZATIONS + ("minmax",)
 DEFAULT_CT_WINDOW = (-500.0, 800.0)
 DEFAULT_PERCENTILES = (0.5, 99.5)
 
@@ -23,8 +25,8 @@ def looks_like_ct(array: np.ndarray) -> bool:
 
 
 def resolve_normalization(array: np.ndarray, method: str) -> str:
-    if method not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")
+    if method not in ALL_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {ALL_NORMALIZATIONS}, got {method!r}")
     if method == "auto":
         return "ct" if looks_like_ct(array) else "mr"
     return method
@@ -37,11 +39,15 @@ def normalize_intensity(array: np.ndarray, method: str = "auto",
     """Map intensities to float32 in [0, 1].
 
     ``mr``: robust clip between the given percentiles (computed inside ``mask`` when given),
-    ``ct``: fixed Hounsfield window, ``auto``: ``ct`` when the range looks like Hounsfield units.
+    ``ct``: fixed Hounsfield window, ``minmax``: the volume's minimum and maximum (inside ``mask``),
+    ``auto``: ``ct`` when the range looks like Hounsfield units.
     """
     method = resolve_normalization(array, method)
     if method == "ct":
         lo, hi = ct_window
+    elif method == "minmax":  # per-volume min-max (e.g. the ACDC training protocol)
+        values = array[mask > 0] if mask is not None and np.any(mask) else array
+        lo, hi = float(values.min()), float(values.max())
     else:
         values = array[mask > 0] if mask is not None and np.any(mask) else array
         lo, hi = np.percentile(_sample(values), percentiles)
@@ -51,3 +57,26 @@ def normalize_intensity(array: np.ndarray, method: str = "auto",
         return np.zeros(array.shape, dtype=np.float32)
     out = (array.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def intensity_rank_correlation(fixed01: np.ndarray, moving01: np.ndarray, valid: Optional[np.ndarray] = None,
+                               max_samples: int = 200_000, seed: int = 0) -> float:
+    """Spearman correlation of fixed and moving intensities where the fixed image has content.
+
+    Same-contrast pairs (phases, patients, follow-ups, gamma or bias changes) correlate clearly
+    positively even before registration; T1 against T2-like contrasts correlate negatively.
+    """
+    select = fixed01 > 0.02  # not background
+    if valid is not None:
+        select &= valid > 0
+    a, b = fixed01[select], moving01[select]
+    if a.size < 100:
+        return 1.0
+    if a.size > max_samples:
+        idx = np.random.default_rng(seed).choice(a.size, max_samples, replace=False)
+        a, b = a[idx], b[idx]
+    rank_a = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(np.float64)
+    rank_b = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(np.float64)
+    if rank_a.std() == 0 or rank_b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(rank_a, rank_b)[0, 1])

@@ -90,3 +90,45 @@ def diffusion_loss(u: torch.Tensor, spacing_zyx: Optional[Sequence[float]] = Non
         d = torch.diff(physical, dim=2 + dim) / spacing[dim]
         total = total + d.pow(2).mean()
     return total
+
+
+# The 12 pairs of face neighbours at distance sqrt(2) from each other (MIND-SSC's self-similarity context).
+_FACE_NEIGHBOURS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
+_SSC_PAIRS = tuple((a, b) for i, a in enumerate(_FACE_NEIGHBOURS) for b in _FACE_NEIGHBOURS[i + 1:]
+                   if sum(x * y for x, y in zip(a, b)) == 0)
+
+
+def _shifted(x: torch.Tensor, offset: Sequence[int], pad: int) -> torch.Tensor:
+    """``x`` sampled at ``voxel + offset`` (replicate padding at the border), same shape as ``x``."""
+    padded = F.pad(x, (pad,) * 6, mode="replicate")
+    d, h, w = x.shape[2:]
+    oz, oy, ox = (pad + o for o in offset)
+    return padded[:, :, oz:oz + d, oy:oy + h, ox:ox + w]
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-6) -> torch.Tensor:
+    """MIND-SSC descriptor (Heinrich et al., 2013): ``(B, 1, D, H, W)`` -> ``(B, 12, D, H, W)``.
+
+    Each channel is a patch distance between two face neighbours (``dilation`` voxels away, patch
+    ``2 * radius + 1`` wide), normalised by the local mean distance and mapped through ``exp(-x)``:
+    it describes local structure, not intensity, so it is the same for T1- and T2-like contrasts of
+    the same anatomy (and insensitive to smooth intensity bias).
+    """
+    distances = []
+    for a, b in _SSC_PAIRS:
+        diff = _shifted(image, [dilation * v for v in a], dilation) - _shifted(image, [dilation * v for v in b], dilation)
+        distances.append(diff * diff)
+    ssd = torch.cat(distances, dim=1)
+    if radius > 0:
+        ssd = F.avg_pool3d(F.pad(ssd, (radius,) * 6, mode="replicate"), 2 * radius + 1, stride=1)
+    ssd = ssd - ssd.amin(dim=1, keepdim=True)
+    variance = ssd.mean(dim=1, keepdim=True)
+    mean_variance = variance.mean()
+    variance = variance.clamp(min=float(mean_variance) * 1e-3 + eps, max=float(mean_variance) * 1e3 + eps)
+    return torch.exp(-ssd / variance)
+
+
+def mind_loss(fixed_descriptor: torch.Tensor, warped_descriptor: torch.Tensor,
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared difference of MIND descriptors (0 for identical local structure)."""
+    return feature_loss(fixed_descriptor, warped_descriptor, mask)

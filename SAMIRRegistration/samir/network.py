@@ -27,11 +27,12 @@ import torch
 from .encoders import ENCODERS, load_checkpoint
 from .features import ChannelReduction, SliceFeatures
 from .geometry import SAMIRInputError
-from .intensity import NORMALIZATIONS
+from .intensity import ALL_NORMALIZATIONS
 from .pyramid import SAMIRNet, pyramid_shapes
 
 FORMAT = "samir-checkpoint"
 FORMAT_VERSION = 1
+IMAGE_ONLY = "none"  # ``encoder`` of an image-only network (ablation): no encoder features, 0 feature channels
 PathLike = Union[str, Path]
 
 
@@ -51,11 +52,16 @@ class ModelConfig:
 
     def validate(self) -> None:
         problems = []
-        if self.encoder not in ENCODERS:
-            problems.append(f"unknown encoder '{self.encoder}' (known: {', '.join(ENCODERS)})")
-        if self.normalization not in NORMALIZATIONS:
+        image_only = self.encoder == IMAGE_ONLY
+        if self.encoder not in ENCODERS and not image_only:
+            problems.append(f"unknown encoder '{self.encoder}' (known: {', '.join(ENCODERS)}, or '{IMAGE_ONLY}')")
+        if self.normalization not in ALL_NORMALIZATIONS:
             problems.append(f"unknown normalisation '{self.normalization}'")
+        if image_only and (self.encoder_channels or self.feature_channels):
+            problems.append("an image-only network (encoder 'none') has encoder_channels = feature_channels = 0")
         for name in ("input_size", "encoder_channels", "feature_channels", "levels", "hidden", "integration_steps"):
+            if image_only and name in ("input_size", "encoder_channels", "feature_channels"):
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.head_widths or any(int(w) < 1 for w in self.head_widths):
@@ -145,12 +151,12 @@ def load_model(path: PathLike, encoder: Optional[str] = None, input_size: Option
         if key not in payload:
             raise SAMIRInputError(f"{name} is incomplete: no '{key}' entry")
     config = ModelConfig.from_dict(payload["config"], name)
-    if encoder is not None and encoder != config.encoder:
+    if encoder is not None and encoder != config.encoder and config.encoder != IMAGE_ONLY:
         raise SAMIRInputError(
             f"{name} was trained on {config.encoder} features (k = {config.input_size}) but the {encoder} encoder"
             f" was asked for; its head does not understand another encoder's features. Use --encoder"
             f" {config.encoder}, or a network trained on {encoder}")
-    if input_size is not None and input_size != config.input_size:
+    if input_size is not None and input_size != config.input_size and config.encoder != IMAGE_ONLY:
         raise SAMIRInputError(f"{name} was trained with encoder input size k = {config.input_size}, not {input_size};"
                               f" features change with k — leave --k unset to use {config.input_size}")
     reduction = payload["reduction"]
@@ -220,6 +226,11 @@ def predict_field(model: SAMIRModel, fixed01: torch.Tensor, moving01: torch.Tens
     ``*_features``: the encoder's raw features (``encoder_channels`` channels) of these images.
     """
     from .features import remove_frame_component, reduce_channels, sample_features
+    if model.config.encoder == IMAGE_ONLY:  # image-only ablation: the head sees the images alone
+        no_features = fixed01.new_zeros((fixed01.shape[0], 0, *fixed01.shape[2:]))
+        with torch.inference_mode():
+            out = model.net.to(fixed01.device)(no_features, fixed01, no_features, moving01, slicing_axis, spacing_zyx)
+        return out.final.clone()
     for name, fs in (("fixed", fixed_features), ("moving", moving_features)):
         if fs.features.shape[1] != model.config.encoder_channels:
             raise SAMIRInputError(f"{name} features have {fs.features.shape[1]} channels; the network expects"

@@ -23,7 +23,7 @@ from .feature_cache import FeatureCache
 from .features import (auto_slice_stride, choose_slicing_axis, encode_volume, fit_channel_reduction, reduce_channels,
                        remove_frame_component)
 from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps, from_sitk, to_sitk
-from .intensity import normalize_intensity, resolve_normalization
+from .intensity import intensity_rank_correlation, normalize_intensity, resolve_normalization
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
 from .resources import check_host_memory, estimate_peak_memory_mb, resolve_device, run_with_oom_fallback
 from .zeroshot import OptimizerSettings, optimize_pyramid, optimised_level_shapes
@@ -39,6 +39,10 @@ PRESETS: Dict[str, dict] = {
 }
 MODES = ("zeroshot", "network")
 MIN_OVERLAP = 0.05
+SIMILARITIES = ("auto", "ncc", "mind")
+# Below this rank correlation of fixed and moving intensities the contrasts are not the same (e.g. T1
+# against T2): local NCC then pulls structures onto the wrong ones and MIND-SSC is used instead.
+SAME_CONTRAST_MIN_CORRELATION = 0.2
 
 
 @dataclass
@@ -50,6 +54,7 @@ class RegistrationOptions:
     refine_iterations: int = 0  # network mode: instance-optimisation steps per level after the forward pass
     input_size: Optional[int] = None  # encoder k
     preset: str = "balanced"
+    similarity: str = "auto"  # image similarity: ncc, mind, or auto (ncc unless the contrasts are reversed)
     device: str = "auto"
     normalization: str = "auto"
     slicing_axis: Optional[int] = None  # in the fixed array's (z, y, x) axes
@@ -78,6 +83,8 @@ class RegistrationOptions:
             raise SAMIRInputError(f"unknown mode '{self.mode}'; choose one of {', '.join(MODES)}")
         if self.encoder is not None and self.encoder not in ENCODERS:
             raise SAMIRInputError(f"unknown encoder '{self.encoder}'; choose one of {', '.join(ENCODERS)}")
+        if self.similarity not in SIMILARITIES:
+            raise SAMIRInputError(f"unknown similarity '{self.similarity}'; choose one of {', '.join(SIMILARITIES)}")
         if self.slicing_axis not in (None, 0, 1, 2):
             raise SAMIRInputError(f"slicing axis must be 0, 1 or 2 (z, y, x), got {self.slicing_axis}")
         if self.mode == "network" and not self.network:
@@ -205,13 +212,19 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     fixed01 = normalize_intensity(fixed.array, norm)
     moving01 = normalize_intensity(moving_on_fixed.array, norm, mask=coverage)
     axis = options.slicing_axis if options.slicing_axis is not None else choose_slicing_axis(fixed.shape, fixed.spacing_zyx)
-    need_features = model is not None or (options.use_features and settings.feature_weight > 0)
+    need_features = (model is not None and model.config.encoder != "none") or (  # "none": image-only network
+        model is None and options.use_features and settings.feature_weight > 0)
     optimised = optimised_level_shapes(fixed.shape, settings, axis, fixed.spacing_zyx)
     estimate = estimate_peak_memory_mb(
         fixed.shape, math.prod(optimised[-1]) if optimised and (model is None or options.refine_iterations) else 0,
         encoded_slices=2 * fixed.shape[axis] if need_features else 0, network=model is not None,
         on_gpu=device.type == "cuda")
     check_host_memory(estimate, fixed.shape)
+    rank_correlation = intensity_rank_correlation(fixed01, moving01, coverage, seed=options.seed)
+    similarity = options.similarity
+    if similarity == "auto":
+        similarity = "ncc" if rank_correlation >= SAME_CONTRAST_MIN_CORRELATION else "mind"
+    settings = replace(settings, similarity=similarity)
     timings["resample_s"] = time.perf_counter() - t0
     report("resample", 1.0)
 
@@ -278,7 +291,8 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
         "mode": options.mode, "encoder": encoder.describe() if encoder is not None else None,
         "network": model.describe() if model is not None else None, "refine_iterations": options.refine_iterations,
         "device": str(device), "preset": options.preset, "normalization": norm, "slicing_axis_zyx": axis,
-        "slice_stride": stride, "overlap_fraction": overlap, "optimizer": settings.to_dict(),
+        "slice_stride": stride, "overlap_fraction": overlap, "similarity": similarity,
+        "intensity_rank_correlation": rank_correlation, "optimizer": settings.to_dict(),
         "feature_cache": cache.report() if cache is not None else ({"enabled": False} if stride is not None else None),
         "levels": [asdict(level) for level in levels], "notes": notes, "estimated_peak_host_mb": estimate,
         **peak_memory_mb(device),

@@ -4,8 +4,10 @@ The same coarse-to-fine structure as :class:`samir.pyramid.PDFP`, but each level
 free parameter optimised with Adam on this pair instead of predicted by a trained network:
 
     u_l = compose(upsample(u_{l+1}), integrate(smooth(v_l)))
-    loss_l = w_ncc * NCC(F_l, M_l o u_l) + w_feat * MSE(feat F_l, feat M_l o u_l)
+    loss_l = w_sim * S(F_l, M_l o u_l) + w_feat * MSE(feat F_l, feat M_l o u_l)
              + w_smooth * diffusion(u_l)
+
+with ``S`` local NCC (same contrast) or the MIND-SSC descriptor difference (any contrast).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .features import SliceFeatures, sample_features
-from .losses import diffusion_loss, feature_loss, local_ncc_loss, ncc_window
+from .losses import diffusion_loss, feature_loss, local_ncc_loss, mind_loss, mind_ssc, ncc_window
 from .pyramid import pyramid_shapes
 from .spatial import compose, integrate, resize_field, resize_volume, warp
 
@@ -36,7 +38,9 @@ class OptimizerSettings:
     smoothness: float = 0.3
     feature_weight: float = 1.0
     feature_similarity: str = "mse"  # mean squared difference, or "ncc" (local NCC per channel, slower)
-    ncc_weight: float = 1.0
+    similarity: str = "ncc"  # image similarity: "ncc" (local NCC, same contrast) or "mind" (MIND-SSC, any contrast)
+    ncc_weight: float = 1.0  # weight of the image similarity (NCC or MIND)
+    mind_scale: float = 1.0  # multiplies the MIND term (measured: 1 and 2 align equally, 1 is smoother)
     ncc_window: int = 9
     velocity_sigma: float = 1.0
     integration_steps: int = 7
@@ -134,6 +138,9 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
             # features are compared where the fixed image has content: encodings of a blank background
             # and of a noisy one differ without saying anything about anatomy
             content_l = (F.max_pool3d(f_l, 3, 1, 1) > CONTENT_THRESHOLD).float()
+        if settings.similarity == "mind":
+            with torch.no_grad():
+                fixed_mind, moving_mind = mind_ssc(f_l), mind_ssc(m_l)
         u_prev = torch.zeros((1, 3, *shape), device=device) if u is None else resize_field(u, shape).detach()
         window = ncc_window(spacing_l, settings.ncc_window if level == 1 else min(settings.ncc_window, 7))
         velocity = torch.zeros((1, 3, *shape), device=device, requires_grad=True)
@@ -148,7 +155,10 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
             if mm_l is not None:
                 warped_mask = warp(mm_l, u_l, padding_mode="zeros").detach()
                 mask = warped_mask if mask is None else mask * warped_mask
-            loss = settings.ncc_weight * local_ncc_loss(f_l, warp(m_l, u_l), window, mask)
+            if settings.similarity == "mind":
+                loss = settings.ncc_weight * settings.mind_scale * mind_loss(fixed_mind, warp(moving_mind, u_l), mask)
+            else:
+                loss = settings.ncc_weight * local_ncc_loss(f_l, warp(m_l, u_l), window, mask)
             if features_here:
                 feature_mask = content_l if mask is None else mask * content_l
                 if settings.feature_similarity == "ncc":

@@ -1,0 +1,187 @@
+"""Command line for training and evaluation: ``samir features | train | evaluate | register-batch``.
+
+Kept apart from :mod:`samir.cli` (which only adds these parsers and dispatches to :func:`run`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .geometry import SAMIRInputError
+
+COMMANDS = ("features", "train", "evaluate", "register-batch")
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a configuration value (TOML syntax), e.g. --set loss.hfc=0; repeatable")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the configuration's train.device)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_parsers(sub) -> None:
+    from .cli import add_registration_arguments
+    features = sub.add_parser("features", help="precompute the encoder features of a dataset into the feature cache")
+    features.add_argument("config", help="training configuration (TOML or YAML)")
+    features.add_argument("--splits", default="", help="comma-separated splits (default: every split of the config)")
+    _config_arguments(features)
+
+    train = sub.add_parser("train", help="train a SAMIR network (head + PDFP) as a configuration file says")
+    train.add_argument("config", help="training configuration (TOML or YAML); see configs/ and the README")
+    train.add_argument("--restart", action="store_true",
+                       help="start over even if the output folder holds a training state (default: resume it)")
+    _config_arguments(train)
+
+    evaluate = sub.add_parser("evaluate", help="Dice, HD95, SDlogJ, folding, runtime of trained networks and baselines")
+    evaluate.add_argument("config", nargs="?", help="training configuration whose data (and output folder) to use")
+    evaluate.add_argument("--pairs",
+                          help="CSV/JSON of pairs (fixed, moving, fixed_seg, moving_seg) instead of a configuration")
+    evaluate.add_argument("--weights", help="SAMIR network checkpoint (default: model_best.pt in train.output_dir)")
+    evaluate.add_argument("--name", default="SAMIR", help="name of that network in the report (default SAMIR)")
+    evaluate.add_argument("--baseline", action="append", default=[], metavar="METHOD",
+                          help="also evaluate: identity, zeroshot[:PRESET], or NAME=CKPT (another checkpoint,"
+                               " e.g. an ablation); repeatable")
+    evaluate.add_argument("--split",
+                          help="split to evaluate (default: evaluation.split of the config, 'all' for --pairs)")
+    evaluate.add_argument("--hd95-units", choices=("mm", "voxels", "both"),
+                          help="HD95 in mm (MemWarp protocol) or voxels (Learn2Reg protocol); default: mm for ACDC"
+                               " and pairs, voxels for AbdomenCTCT")
+    evaluate.add_argument("--robustness", action="append", default=[], metavar="KIND[=S1,S2,...]",
+                          help="robustness sweep: gamma or noise with strengths, e.g. gamma=0.5,1,2; repeatable")
+    evaluate.add_argument("--perturb", default="moving", choices=("moving", "both"),
+                          help="robustness: perturb the moving image (default) or both")
+    evaluate.add_argument("--max-pairs", type=int, default=0, help="evaluate only the first N pairs")
+    evaluate.add_argument("--no-cache", action="store_true", help="encode features afresh (true encoder runtime)")
+    evaluate.add_argument("--out", help="report folder (default: <train.output_dir>/evaluation-<split>)")
+    _config_arguments(evaluate)
+
+    batch = sub.add_parser("register-batch", help="register the pairs of a CSV/JSON file (spread over torchrun ranks)")
+    batch.add_argument("pairs", help="CSV/JSON with fixed, moving[, fixed_seg, moving_seg, fixed_mask, moving_mask,"
+                                     " name, out]")
+    batch.add_argument("--out", default="samir_batch", help="output folder (default: samir_batch)")
+    batch.add_argument("--progress", default="none", choices=("bar", "json", "none"))
+    batch.add_argument("--transform-format", default="h5", choices=("h5", "tfm"))
+    add_registration_arguments(batch)
+
+
+def _load(args: argparse.Namespace):
+    from .training import load_config
+    config = load_config(args.config, args.overrides)
+    if args.device:
+        config.train.device = args.device
+    if args.no_progress:
+        config.train.progress = False
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger("samir").setLevel(logging.INFO)
+    if args.command == "features":
+        return run_features(args)
+    if args.command == "train":
+        return run_train(args)
+    if args.command == "evaluate":
+        return run_evaluate(args)
+    return run_register_batch(args)
+
+
+def run_features(args: argparse.Namespace) -> int:
+    from .datasets import PairDataset
+    from .distributed import init_distributed, shutdown_distributed
+    from .training import FeatureProvider, precompute_features
+    config = _load(args)
+    if config.image_only:
+        raise SAMIRInputError("model.encoder is 'none' (image-only): there are no encoder features to compute")
+    splits = [s for s in args.splits.split(",") if s] or list(config.data.resolved().splits)
+    context = init_distributed(config.train.device)
+    try:
+        datasets = [PairDataset(config.data, split) for split in splits]
+        provider = FeatureProvider(config.model, config.features, context.device)
+        counts = precompute_features(datasets, provider, context, config.train.progress)
+        if context.is_main:
+            stats = provider.cache.stats()
+            print(f"features of {counts['volumes']} volumes ({', '.join(splits)}): {counts['encoded']} encoded,"
+                  f" {counts['reused']} already cached (this rank); cache {stats['directory']}:"
+                  f" {stats['entries']} entries, {stats['bytes'] / 1e9:.2f} GB of at most"
+                  f" {stats['max_bytes'] / 1e9:.1f} GB")
+    finally:
+        shutdown_distributed(context)
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .training import train
+    config = _load(args)
+    result = train(config, restart=args.restart)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    best = f"{result.best_val_dice:.4f}" if result.best_val_dice > -1 else "n/a (no validation split)"
+    print(f"trained {result.step} steps ({result.epoch} epochs); best validation Dice {best}")
+    print(f"best model {result.best_model}; last model {result.last_model}; log {result.output_dir / 'log.jsonl'}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .datasets import DataConfig, PairDataset
+    from .evaluation import (NetworkMethod, evaluate, parse_method, parse_sweep, robustness_sweep, write_report)
+    from .network import load_model
+    from .resources import resolve_device
+    from .training import BEST_MODEL, FeatureSection, TrainingConfig
+    if not args.config and not args.pairs:
+        raise SAMIRInputError("samir evaluate needs a training configuration or --pairs PAIRS.csv")
+    config = _load(args) if args.config else TrainingConfig()
+    weights = args.weights or (str(Path(config.train.output_dir) / BEST_MODEL) if args.config else None)
+    if args.pairs:
+        normalization = load_model(weights).config.normalization if weights else "mr"
+        config.data = DataConfig(layout="pairs", pairs_file=args.pairs, normalization=normalization)
+    data = config.data.resolved()
+    split = args.split or ("all" if args.pairs else config.evaluation.split)
+    units = args.hd95_units or config.evaluation.hd95_units or ("voxels" if data.layout == "abdomenctct" else "mm")
+    device = resolve_device(args.device or config.train.device)
+    methods = []
+    features: FeatureSection = config.features
+    if weights:
+        network = NetworkMethod(weights, args.name, features, device, use_cache=not args.no_cache)
+        if network.model.config.normalization != data.normalization:
+            raise SAMIRInputError(f"{Path(weights).name} was trained on"
+                                  f" '{network.model.config.normalization}'-normalised images, the data section normalises with '{data.normalization}': set"
+                                  f" data.normalization = \"{network.model.config.normalization}\"")
+        methods.append(network)
+    methods += [parse_method(text, features, str(device)) for text in args.baseline]
+    dataset = PairDataset(config.data, split)
+    out = Path(args.out) if args.out else (Path(config.train.output_dir) / f"evaluation-{split}" if args.config
+                                          else Path("samir_eval"))
+    report = evaluate(dataset, methods, units, args.max_pairs, progress=config.train.progress and not args.no_progress)
+    write_report(report, out, f"SAMIR evaluation: {data.layout}, split {split}",
+                 extra={"weights": weights, "split": split, "device": str(device)})
+    for name, entry in report.summary.items():
+        dice = entry.get("dice", {}).get("mean", float("nan"))
+        hd_key = "hd95_mm" if units in ("mm", "both") else "hd95_voxels"
+        hd = entry.get(hd_key, {}).get("mean", float("nan"))
+        spread = entry.get("sdlogj", {}).get("mean", float("nan"))
+        print(f"{name}: Dice {dice:.4f}, {hd_key} {hd:.2f}, SDlogJ {spread:.4f}"
+              f" over {entry['pairs']} pairs")
+    if args.robustness:
+        sweeps = dict(parse_sweep(text) for text in args.robustness)
+        robustness_sweep(dataset, methods, sweeps, args.perturb, args.max_pairs, out_dir=out)
+    print(f"report in {out}: summary.md, per_pair.csv, per_label.csv, dice_boxplot.png"
+          + (", robustness.csv, robustness.png" if args.robustness else ""))
+    return 0
+
+
+def run_register_batch(args: argparse.Namespace) -> int:
+    from .batch import register_batch
+    from .cli import StageProgress, options_from_args
+    options = options_from_args(args)
+    progress = StageProgress(args.progress) if args.progress != "none" else None
+    rows = register_batch(args.pairs, args.out, options, progress=progress, transform_format=args.transform_format)
+    failed = [r for r in rows if r["status"] != "ok"]
+    for row in failed:
+        print(f"samir: pair {row['name']} failed: {row.get('error')}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{len(rows) - len(failed)} of {len(rows)} pairs registered; summary in"
+              f" {Path(args.out) / 'batch_summary.csv'}")
+    return 1 if failed else 0
