@@ -97,7 +97,21 @@ def wait_until_finished(task, timeout_s: Optional[float], what: str) -> RunState
     return task.state
 
 
-class PairRegistrationTask:
+class ReportingTask:
+    """Progress and log callbacks of a long task (``on_progress(fraction, stage)``, ``on_log(text)``)."""
+    on_progress: Optional[ProgressCallback] = None
+    on_log: Optional[LogCallback] = None
+
+    def _report(self, fraction: float, stage: str) -> None:
+        if self.on_progress:
+            self.on_progress(fraction, stage)
+
+    def _log(self, text: str) -> None:
+        if self.on_log:
+            self.on_log(text)
+
+
+class PairRegistrationTask(ReportingTask):
     """Deformably register ``moving_node`` onto ``fixed_node``; ``start``/``poll``/``wait``/``cancel``.
 
     Outputs (``None``: not produced): ``output_transform`` (a transform node; the moving volume
@@ -262,11 +276,4 @@ class PairRegistrationTask:
     def _engine_progress(self, progress: EngineProgress) -> None:
         self._report(0.97 * progress.overall_fraction, progress.stage)
 
-    def _report(self, fraction: float, stage: str) -> None:
-        if self.on_progress:
-            self.on_progress(fraction, stage)
-
-    def _log(self, text: str) -> None:
-        if self.on_log:
-            self.on_log(text)
 

@@ -22,8 +22,8 @@ from samir.geometry import SAMIRInputError
 
 from .engine_runner import EngineProgress, EngineRun, EngineSettings, LogCallback, RunState
 from .grid_transforms import add_grid_transform_node
-from .registration import (EngineRunFactory, ProgressCallback, SceneUndoList, subprocess_engine_runs,
-                           wait_until_finished)
+from .registration import (EngineRunFactory, ProgressCallback, ReportingTask, SceneUndoList,
+                           subprocess_engine_runs, wait_until_finished)
 from .segmentations import check_segmentation, propagate_segmentation
 from .volumes import node_label, remove_node, volume_from_node
 
@@ -60,7 +60,7 @@ class SequencePropagationOutputs:
     elapsed_s: float = 0.0
 
 
-class SequencePropagationTask:
+class SequencePropagationTask(ReportingTask):
     """Propagate ``segmentation`` (drawn on frame ``reference_frame``) through ``volume_sequence``."""
 
     def __init__(self, volume_sequence, segmentation, reference_frame: int, *, chained: bool = False,
@@ -241,10 +241,3 @@ class SequencePropagationTask:
         self._report((self._step + progress.overall_fraction) / len(self.plan),
                      f"frame {self.plan[self._step].fixed_frame}: {progress.stage}")
 
-    def _report(self, fraction: float, stage: str) -> None:
-        if self.on_progress:
-            self.on_progress(fraction, stage)
-
-    def _log(self, text: str) -> None:
-        if self.on_log:
-            self.on_log(text)
