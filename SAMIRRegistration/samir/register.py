@@ -199,6 +199,15 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     if model is not None and normalization == "auto":
         normalization = model.config.normalization
 
+    axis = options.slicing_axis if options.slicing_axis is not None else choose_slicing_axis(fixed.shape, fixed.spacing_zyx)
+    need_features = (model is not None and model.config.encoder != "none") or (  # "none": image-only network
+        model is None and options.use_features and settings.feature_weight > 0)
+    optimised = optimised_level_shapes(fixed.shape, settings, axis, fixed.spacing_zyx)
+    estimate = estimate_peak_memory_mb(
+        fixed.shape, math.prod(optimised[-1]) if optimised and (model is None or options.refine_iterations) else 0,
+        encoded_slices=2 * fixed.shape[axis] if need_features else 0, network=model is not None,
+        on_gpu=device.type == "cuda")
+    check_host_memory(estimate, fixed.shape)  # before any full-size copy is made
     t0 = time.perf_counter()
     report("resample", 0.0)
     coverage = coverage_of(moving, fixed)
@@ -211,15 +220,6 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     norm = resolve_normalization(fixed.array, normalization)
     fixed01 = normalize_intensity(fixed.array, norm)
     moving01 = normalize_intensity(moving_on_fixed.array, norm, mask=coverage)
-    axis = options.slicing_axis if options.slicing_axis is not None else choose_slicing_axis(fixed.shape, fixed.spacing_zyx)
-    need_features = (model is not None and model.config.encoder != "none") or (  # "none": image-only network
-        model is None and options.use_features and settings.feature_weight > 0)
-    optimised = optimised_level_shapes(fixed.shape, settings, axis, fixed.spacing_zyx)
-    estimate = estimate_peak_memory_mb(
-        fixed.shape, math.prod(optimised[-1]) if optimised and (model is None or options.refine_iterations) else 0,
-        encoded_slices=2 * fixed.shape[axis] if need_features else 0, network=model is not None,
-        on_gpu=device.type == "cuda")
-    check_host_memory(estimate, fixed.shape)
     rank_correlation = intensity_rank_correlation(fixed01, moving01, coverage, seed=options.seed)
     similarity = options.similarity
     if similarity == "auto":
