@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 
-from .geometry import SAMIRInputError, Volume, index_to_world, to_sitk
+from .geometry import SAMIRInputError, Volume, index_to_world
 from .intensity import ALL_NORMALIZATIONS, normalize_intensity
 from .io import read_image, read_labels
+from .register import resample_into
 
 LAYOUTS = ("acdc", "abdomenctct", "pairs")
 ACDC_LABELS: Dict[int, str] = {1: "RV", 2: "Myo", 3: "LV"}
@@ -213,12 +213,7 @@ def half_resolution_grid(volume: Volume) -> Volume:
 
 def resample_onto(volume: Volume, grid: Volume, labels: bool = False) -> np.ndarray:
     """``volume`` resampled onto ``grid`` in physical space (linear, or nearest for labels; 0 outside)."""
-    if volume.same_grid(grid):
-        return volume.array
-    interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
-    reference = to_sitk(grid.with_array(np.zeros(grid.shape, np.uint8)))
-    out = sitk.Resample(to_sitk(volume), reference, sitk.Transform(), interp, 0.0)
-    return sitk.GetArrayFromImage(out)
+    return resample_into(volume, grid, labels=labels).array
 
 
 def prepare_volume(record: VolumeRecord, grid: Optional[Volume], normalization: str,

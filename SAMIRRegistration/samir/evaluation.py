@@ -37,6 +37,7 @@ from .datasets import PairDataset, PreparedPair, PreparedVolume
 from .encoders import SliceEncoder
 from .features import auto_slice_stride, choose_slicing_axis
 from .geometry import SAMIRInputError, displacement_zyx_voxels_to_lps
+from .metrics import dice
 from .network import IMAGE_ONLY, count_macs, count_parameters, load_model, predict_field
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
 from .training import FeatureProvider, FeatureSection, ModelSection
@@ -75,13 +76,6 @@ def surface(mask: np.ndarray) -> np.ndarray:
     ndimage = _ndimage()
     return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1),
                                           border_value=0)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two binary masks; NaN when both are empty."""
-    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    total = int(a.sum()) + int(b.sum())
-    return 2.0 * int(np.logical_and(a, b).sum()) / total if total else float("nan")
 
 
 def hd95(a: np.ndarray, b: np.ndarray, spacing_zyx: Optional[Sequence[float]] = None) -> float:

@@ -97,6 +97,11 @@ def _resample_slices(slices: torch.Tensor, count: int) -> torch.Tensor:
     return slices[lower] * (1 - weight) + slices[upper] * weight
 
 
+def default_encoder_batch_size(device: torch.device) -> int:
+    """Slices per encoder call: 32 on CUDA; 1 on the CPU, where larger batches are no faster."""
+    return 32 if device.type == "cuda" else 1
+
+
 def encode_volume(volume01: np.ndarray, encoder: SliceEncoder, axis: int, device: torch.device,
                   batch_size: Optional[int] = None, progress: ProgressFn = None,
                   slice_stride: int = 1) -> SliceFeatures:
@@ -114,7 +119,7 @@ def encode_volume(volume01: np.ndarray, encoder: SliceEncoder, axis: int, device
     side, (pad_h, pad_w) = square_padding(h, w)
     k, f = encoder.input_size, encoder.feature_size
     if batch_size is None:
-        batch_size = 32 if device.type == "cuda" else 1
+        batch_size = default_encoder_batch_size(device)
     out = torch.empty((n, encoder.out_channels, f, f), dtype=torch.float16)
     empty = slices.flatten(1).amax(1) <= 0
     todo = torch.nonzero(~empty).flatten().tolist()

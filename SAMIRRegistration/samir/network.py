@@ -105,11 +105,8 @@ class SAMIRModel:
 
 def build_network(config: ModelConfig) -> SAMIRNet:
     config.validate()
-    net = SAMIRNet(config.feature_channels, config.head_widths, config.levels)
-    if config.hidden != 32 or config.integration_steps != 7:
-        from .pyramid import PDFP
-        net.pdfp = PDFP(net.head.out_channels, config.levels, config.hidden, config.integration_steps)
-    return net
+    return SAMIRNet(config.feature_channels, config.head_widths, config.levels, config.hidden,
+                    config.integration_steps)
 
 
 def save_model(path: PathLike, net: SAMIRNet, config: ModelConfig, reduction: ChannelReduction,

@@ -124,10 +124,11 @@ class PDFP(nn.Module):
 class SAMIRNet(nn.Module):
     """Head + PDFP: the trainable part of SAMIR on top of frozen, channel-reduced encoder features."""
 
-    def __init__(self, feature_channels: int, widths: Sequence[int] = (32, 64, 32), levels: int = 5):
+    def __init__(self, feature_channels: int, widths: Sequence[int] = (32, 64, 32), levels: int = 5,
+                 hidden: int = 32, integration_steps: int = 7):
         super().__init__()
         self.head = FeatureHead(feature_channels, widths)
-        self.pdfp = PDFP(self.head.out_channels, levels)
+        self.pdfp = PDFP(self.head.out_channels, levels, hidden, integration_steps)
 
     def forward(self, fixed_features, fixed_image, moving_features, moving_image, slicing_axis=None,
                 spacing_zyx=None) -> PyramidOutput:

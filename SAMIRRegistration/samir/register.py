@@ -20,8 +20,8 @@ import torch
 
 from .encoders import ENCODERS, SliceEncoder, build_encoder
 from .feature_cache import FeatureCache
-from .features import (auto_slice_stride, choose_slicing_axis, encode_volume, fit_channel_reduction, reduce_channels,
-                       remove_frame_component)
+from .features import (auto_slice_stride, choose_slicing_axis, default_encoder_batch_size, encode_volume,
+                       fit_channel_reduction, reduce_channels, remove_frame_component)
 from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps, from_sitk, to_sitk
 from .intensity import intensity_rank_correlation, normalize_intensity, resolve_normalization
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
@@ -159,7 +159,7 @@ def encode_pair(fixed01: np.ndarray, moving01: np.ndarray, encoder: SliceEncoder
     With ``cache``, features stored there for the same content, encoder, ``normalization``, axis and
     stride are reused, and new ones stored."""
     def encode(label: str, volume01: np.ndarray):
-        batch = options.encoder_batch_size or (32 if device.type == "cuda" else 1)
+        batch = options.encoder_batch_size or default_encoder_batch_size(device)
         run = lambda: run_with_oom_fallback(
             lambda dev, b: encode_volume(volume01, encoder, axis, dev, b, lambda f: report(f"encode {label}", f), stride),
             device, batch, f"encoding the {label} image", notes if notes is not None else [])
