@@ -1,6 +1,6 @@
 import torch
 
-from samir.losses import diffusion_loss, feature_loss, hierarchical_feature_consistency, local_ncc_loss, ncc_window, soft_dice_loss
+from samir.losses import LocalNCC, diffusion_loss, feature_loss, hierarchical_feature_consistency, local_ncc_loss, ncc_window, soft_dice_loss
 from samir.pyramid import PDFP, SAMIRNet, pyramid_shapes
 
 
@@ -46,6 +46,32 @@ def test_ncc_is_invariant_to_affine_intensity_changes():
     x = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 20, 20, 20), 3, 1, 1)
     assert local_ncc_loss(x, 2 * x + 1, (9, 9, 9)) < 1e-3
     assert local_ncc_loss(x, torch.rand_like(x), (9, 9, 9)) > 0.5
+
+
+def test_local_ncc_matches_its_definition_and_differentiates_only_the_warped_image():
+    """LocalNCC precomputes the fixed image's statistics; the value is the plain windowed formula."""
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.rand(1, 1, 7, 8, 9, generator=g)
+    warped = (0.5 * fixed + 0.5 * torch.rand(1, 1, 7, 8, 9, generator=g)).requires_grad_(True)
+    window = (3, 5, 3)
+    pad = [w // 2 for w in window]
+    def local_mean(x):  # explicit: average over the window voxels inside the volume
+        out = torch.zeros_like(x)
+        for z in range(x.shape[2]):
+            for y in range(x.shape[3]):
+                for xx in range(x.shape[4]):
+                    out[..., z, y, xx] = x[..., max(0, z - pad[0]):z + pad[0] + 1, max(0, y - pad[1]):y + pad[1] + 1,
+                                           max(0, xx - pad[2]):xx + pad[2] + 1].mean()
+        return out
+    w = warped.detach()
+    mf, mw = local_mean(fixed), local_mean(w)
+    cross = local_mean(fixed * w) - mf * mw
+    cc = cross ** 2 / ((local_mean(fixed ** 2) - mf ** 2) * (local_mean(w ** 2) - mw ** 2) + 1e-8)
+    loss = LocalNCC(fixed, window)(warped)
+    assert torch.allclose(loss, 1 - cc.mean(), atol=1e-5)
+    assert torch.allclose(local_ncc_loss(fixed, warped, window), loss)
+    loss.backward()
+    assert warped.grad.abs().sum() > 0
 
 
 def test_ncc_window_follows_spacing():

@@ -7,12 +7,6 @@ import torch
 import torch.nn.functional as F
 
 
-def _box_mean(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
-    """Local means over an odd window per axis; at the border, over the voxels inside the volume."""
-    ones = torch.ones((1, 1, *x.shape[2:]), device=x.device, dtype=x.dtype)
-    return _box_sum(x, window) / _box_sum(ones, window)
-
-
 def _box_sum(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
     for dim, size in enumerate(window):
         if size <= 1:
@@ -36,19 +30,43 @@ def ncc_window(spacing_zyx: Sequence[float], window: int = 9) -> tuple:
     return tuple(sizes)
 
 
+class LocalNCC:
+    """Local NCC against a fixed image whose local statistics are computed once.
+
+    ``LocalNCC(fixed, window, mask)(warped)`` equals ``local_ncc_loss(fixed, warped, window, mask)``;
+    in an optimisation loop only the three warped-image statistics go through the box filter and
+    autograd each step.
+    """
+
+    def __init__(self, fixed: torch.Tensor, window: Sequence[int] = (9, 9, 9), eps: float = 1e-8):
+        self.window = tuple(min(w, n if n % 2 else n - 1) for w, n in zip(window, fixed.shape[2:]))
+        self.eps = eps
+        self.fixed = fixed.detach()
+        with torch.no_grad():
+            ones = torch.ones((1, 1, *fixed.shape[2:]), device=fixed.device, dtype=fixed.dtype)
+            self.count = _box_sum(ones, self.window)
+            stats = _box_sum(torch.cat([self.fixed, self.fixed * self.fixed], 1), self.window) / self.count
+            self.mean_fixed = stats[:, :1]
+            self.var_fixed = (stats[:, 1:] - self.mean_fixed * self.mean_fixed).clamp_min(0)
+
+    def __call__(self, warped: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``1 - mean squared local normalised cross-correlation`` (0 for a perfect match)."""
+        stats = _box_sum(torch.cat([warped, warped * warped, self.fixed * warped], 1), self.window) / self.count
+        mw, ww, fw = stats.chunk(3, dim=1)
+        cross = fw - self.mean_fixed * mw
+        var_w = (ww - mw * mw).clamp_min(0)
+        cc = cross * cross / (self.var_fixed * var_w + self.eps)
+        if mask is None:
+            return 1.0 - cc.mean()
+        return 1.0 - (cc * mask).sum() / mask.expand_as(cc).sum().clamp_min(1.0)
+
+
 def local_ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: Sequence[int] = (9, 9, 9),
                    mask: Optional[torch.Tensor] = None, eps: float = 1e-8) -> torch.Tensor:
-    """``1 - mean squared local normalised cross-correlation`` (0 for a perfect match)."""
-    window = tuple(min(w, n if n % 2 else n - 1) for w, n in zip(window, fixed.shape[2:]))
-    stats = _box_mean(torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], 1), window)
-    mf, mw, ff, ww, fw = stats.chunk(5, dim=1)
-    cross = fw - mf * mw
-    var_f = (ff - mf * mf).clamp_min(0)
-    var_w = (ww - mw * mw).clamp_min(0)
-    cc = cross * cross / (var_f * var_w + eps)
-    if mask is None:
-        return 1.0 - cc.mean()
-    return 1.0 - (cc * mask).sum() / mask.expand_as(cc).sum().clamp_min(1.0)
+    """``1 - mean squared local normalised cross-correlation`` (0 for a perfect match).
+
+    Gradients flow into ``warped`` only (``fixed`` is the reference)."""
+    return LocalNCC(fixed, window, eps)(warped, mask)
 
 
 def feature_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -31,11 +31,13 @@ from .zeroshot import OptimizerSettings, optimize_pyramid, optimised_level_shape
 ProgressFn = Optional[Callable[[str, float], None]]
 
 # Presets bound the finest optimised grid by its voxel count, so the same preset costs about the
-# same on a 2 mm and a 1 mm scan (a 1 mm brain stops at 1/2 resolution with "balanced").
+# same on a 2 mm and a 1 mm scan (a 1 mm brain stops at 1/2 resolution with "balanced"). "accurate"
+# then compares the images at full resolution with the velocity still on that grid: on the 1 mm brain
+# pair that is as accurate as a full-resolution velocity (Dice 0.790) at about a third of the time.
 PRESETS: Dict[str, dict] = {
     "fast": dict(max_voxels=300_000, iterations=(60, 50, 40, 40, 30)),
     "balanced": dict(max_voxels=1_500_000, iterations=(80, 80, 60, 50, 40)),
-    "accurate": dict(max_voxels=None, iterations=(100, 100, 80, 60, 40)),
+    "accurate": dict(max_voxels=1_500_000, iterations=(100, 100, 80, 60, 50), full_resolution_iterations=50),
 }
 MODES = ("zeroshot", "network")
 MIN_OVERLAP = 0.05
@@ -206,7 +208,9 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     estimate = estimate_peak_memory_mb(
         fixed.shape, math.prod(optimised[-1]) if optimised and (model is None or options.refine_iterations) else 0,
         encoded_slices=2 * fixed.shape[axis] if need_features else 0, network=model is not None,
-        on_gpu=device.type == "cuda")
+        on_gpu=device.type == "cuda",
+        image_loss_voxels=math.prod(fixed.shape) if settings.full_resolution_iterations and (
+            model is None or options.refine_iterations) else 0)
     check_host_memory(estimate, fixed.shape)  # before any full-size copy is made
     t0 = time.perf_counter()
     report("resample", 0.0)
@@ -276,7 +280,7 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
         field_, reports = optimize_pyramid(
             fixed_t, moving_t, fixed.spacing_zyx, settings, fixed_features if guide else None,
             moving_features if guide else None, axis, None if fixed_mask_np is None else as_tensor(fixed_mask_np),
-            as_tensor(moving_valid), initial_field=initial_field,
+            None if moving_valid.min() > 0 else as_tensor(moving_valid), initial_field=initial_field,
             feature_spacing_mm=fixed_features.feature_spacing_mm(fixed.spacing_zyx) if guide else 0.0,
             progress=lambda f: report("optimise", f))
         timings["optimise_s"] = time.perf_counter() - t_start

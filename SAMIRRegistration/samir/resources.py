@@ -30,6 +30,7 @@ T = TypeVar("T")
 BASE_MB = 700.0
 BYTES_PER_VOXEL = 240.0
 BYTES_PER_OPTIMISED_VOXEL = 600.0
+BYTES_PER_IMAGE_LOSS_VOXEL = 170.0  # the full-resolution stage: field, warped image and NCC statistics with autograd
 BYTES_PER_NETWORK_VOXEL = 1200.0  # head activations at full resolution (inference, two images)
 FEATURE_BYTES_PER_SLICE = 256 * 64 * 64 * 2 * 3  # fp16 features of one slice, and their reduction
 
@@ -155,12 +156,16 @@ def available_host_memory_mb() -> float:
 
 
 def estimate_peak_memory_mb(shape_zyx: Sequence[int], optimised_voxels: int, encoded_slices: int = 0,
-                            network: bool = False, on_gpu: bool = False) -> float:
-    """Estimated peak host memory of one registration (MB). On a GPU the optimisation is not on the host."""
+                            network: bool = False, on_gpu: bool = False, image_loss_voxels: int = 0) -> float:
+    """Estimated peak host memory of one registration (MB). On a GPU the optimisation is not on the host.
+
+    ``optimised_voxels``: the finest optimised velocity grid; ``image_loss_voxels``: the image grid of a
+    full-resolution stage (velocity on a coarser grid), if there is one."""
     voxels = math.prod(shape_zyx)
     total = BASE_MB * 2 ** 20 + BYTES_PER_VOXEL * voxels + FEATURE_BYTES_PER_SLICE * encoded_slices
     if not on_gpu:
-        total += BYTES_PER_OPTIMISED_VOXEL * optimised_voxels + (BYTES_PER_NETWORK_VOXEL * voxels if network else 0)
+        total += max(BYTES_PER_OPTIMISED_VOXEL * optimised_voxels, BYTES_PER_IMAGE_LOSS_VOXEL * image_loss_voxels)
+        total += BYTES_PER_NETWORK_VOXEL * voxels if network else 0
     return total / 2 ** 20
 
 

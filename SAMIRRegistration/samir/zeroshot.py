@@ -5,7 +5,11 @@ free parameter optimised with Adam on this pair instead of predicted by a traine
 
     u_l = compose(upsample(u_{l+1}), integrate(smooth(v_l)))
     loss_l = w_sim * S(F_l, M_l o u_l) + w_feat * MSE(feat F_l, feat M_l o u_l)
-             + w_smooth * diffusion(u_l)
+             + w_smooth * diffusion(integrate(smooth(v_l)))      (or of u_l: regularise_increment=False)
+
+An optional last stage keeps the finest optimised velocity grid but evaluates ``S`` on the
+full-resolution images (``full_resolution_iterations``), for volumes whose full grid is too large
+to carry a velocity of its own.
 
 with ``S`` local NCC (same contrast) or the MIND-SSC descriptor difference (any contrast).
 """
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .features import SliceFeatures, sample_features
-from .losses import diffusion_loss, feature_loss, local_ncc_loss, mind_loss, mind_ssc, ncc_window
+from .losses import LocalNCC, diffusion_loss, feature_loss, mind_loss, mind_ssc, ncc_window
 from .pyramid import pyramid_shapes
 from .spatial import compose, integrate, resize_field, resize_volume, warp
 
@@ -46,6 +50,10 @@ class OptimizerSettings:
     integration_steps: int = 7
     tolerance: float = 1e-4  # early stop when the loss improves less than this over `patience` steps
     patience: int = 15
+    # diffusion of each level's own increment (True) or of the whole field so far (False); measured on the
+    # brain pair: the increment lets coarse levels' large deformations stand (Dice 0.779 vs 0.774, less folding)
+    regularise_increment: bool = True
+    full_resolution_iterations: int = 0  # a last stage on the finest optimised velocity grid, images at full resolution
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -120,13 +128,17 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
     levels = optimised_levels(shapes, settings)
     iterations = list(settings.iterations)[:len(levels)]
     iterations += [iterations[-1]] * (len(levels) - len(iterations))
-    total_iterations, done = max(1, sum(iterations)), 0
+    # (level, velocity grid, image grid, iterations); the optional last stage keeps the finest optimised
+    # velocity grid but compares the images at full resolution, where the small structures are
+    stages = [(level, shapes[level - 1], shapes[level - 1], n) for level, n in zip(levels, iterations)]
+    if settings.full_resolution_iterations and levels and shapes[levels[-1] - 1] != full_shape:
+        stages.append((0, shapes[levels[-1] - 1], full_shape, settings.full_resolution_iterations))
+    total_iterations, done = max(1, sum(stage[3] for stage in stages)), 0
     use_features = fixed_features is not None and moving_features is not None and settings.feature_weight > 0
     u = None if initial_field is None else initial_field.detach().to(device)
     reports: List[LevelReport] = []
 
-    for level, n_iter in zip(levels, iterations):
-        shape = shapes[level - 1]
+    for level, velocity_shape, shape, n_iter in stages:
         spacing_l = [s * full / n for s, full, n in zip(spacing_zyx, full_shape, shape)]
         f_l, m_l = resize_volume(fixed, shape), resize_volume(moving, shape)
         fm_l = None if fixed_mask is None else (resize_volume(fixed_mask, shape) > 0.5).float()
@@ -138,19 +150,27 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
             # features are compared where the fixed image has content: encodings of a blank background
             # and of a noisy one differ without saying anything about anatomy
             content_l = (F.max_pool3d(f_l, 3, 1, 1) > CONTENT_THRESHOLD).float()
+        window = ncc_window(spacing_l, settings.ncc_window if level <= 1 else min(settings.ncc_window, 7))
         if settings.similarity == "mind":
             with torch.no_grad():
                 fixed_mind, moving_mind = mind_ssc(f_l), mind_ssc(m_l)
+        else:
+            image_ncc = LocalNCC(f_l, window)
+        if features_here and settings.feature_similarity == "ncc":
+            feature_ncc = LocalNCC(ff_l.transpose(0, 1), window)
         u_prev = torch.zeros((1, 3, *shape), device=device) if u is None else resize_field(u, shape).detach()
-        window = ncc_window(spacing_l, settings.ncc_window if level == 1 else min(settings.ncc_window, 7))
-        velocity = torch.zeros((1, 3, *shape), device=device, requires_grad=True)
-        level_field = lambda v: compose(u_prev, integrate(gaussian_smooth(v, settings.velocity_sigma),
-                                                          settings.integration_steps))
+        velocity = torch.zeros((1, 3, *velocity_shape), device=device, requires_grad=True)
+        steps = settings.integration_steps
+
+        def level_increment(v: torch.Tensor) -> torch.Tensor:
+            return resize_field(integrate(gaussian_smooth(v, settings.velocity_sigma), steps), shape)
+
         optimizer = torch.optim.Adam([velocity], lr=settings.learning_rate)
         best, stall, loss_value, it = float("inf"), 0, float("nan"), 0
         for it in range(1, n_iter + 1):
             optimizer.zero_grad(set_to_none=True)
-            u_l = level_field(velocity)
+            increment = level_increment(velocity)
+            u_l = compose(u_prev, increment)
             mask = fm_l
             if mm_l is not None:
                 warped_mask = warp(mm_l, u_l, padding_mode="zeros").detach()
@@ -158,15 +178,14 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
             if settings.similarity == "mind":
                 loss = settings.ncc_weight * settings.mind_scale * mind_loss(fixed_mind, warp(moving_mind, u_l), mask)
             else:
-                loss = settings.ncc_weight * local_ncc_loss(f_l, warp(m_l, u_l), window, mask)
+                loss = settings.ncc_weight * image_ncc(warp(m_l, u_l), mask)
             if features_here:
                 feature_mask = content_l if mask is None else mask * content_l
                 if settings.feature_similarity == "ncc":
-                    loss = loss + settings.feature_weight * local_ncc_loss(
-                        ff_l.transpose(0, 1), warp(mf_l, u_l).transpose(0, 1), window, feature_mask)
+                    loss = loss + settings.feature_weight * feature_ncc(warp(mf_l, u_l).transpose(0, 1), feature_mask)
                 else:
                     loss = loss + settings.feature_weight * feature_loss(ff_l, warp(mf_l, u_l), feature_mask)
-            loss = loss + settings.smoothness * diffusion_loss(u_l, spacing_l)
+            loss = loss + settings.smoothness * diffusion_loss(increment if settings.regularise_increment else u_l, spacing_l)
             loss.backward()
             optimizer.step()
             loss_value = float(loss.detach())
@@ -180,7 +199,7 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
                 break
         done += n_iter
         with torch.no_grad():
-            u = level_field(velocity)
+            u = compose(u_prev, level_increment(velocity))
         reports.append(LevelReport(level, shape, it, loss_value))
         if progress:
             progress(done / total_iterations)

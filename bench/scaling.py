@@ -1,0 +1,158 @@
+"""Suite 4: time per stage and peak memory against volume size.
+
+    .venv/bin/python bench/scaling.py [--sizes acdc,brain,abdomen] [--device cpu|cuda] [--threads 2]
+
+Sizes (z, y, x voxels):
+- ``acdc``: 16 x 128 x 128 at 10 x 1.8 x 1.8 mm, dipy's ``S0_10slices`` (a real 128 x 128 x 10
+  diffusion b0 volume) resampled to the ACDC cine grid;
+- ``brain``: 224 x 192 x 160 at 1 mm, the brain pair (or MNI152 1 mm resampled when it is absent);
+- ``abdomen``: 256 x 160 x 192 (Learn2Reg AbdomenCTCT's grid), Colin27's head resampled to fill it
+  (abdominal CT is not available here; the cost depends on the grid, not on the anatomy).
+The moving image is the fixed one under a known smooth warp (``bench/synthetic.py``), so every size
+has a real registration to do. Each configuration runs through ``samir register`` in its own
+process: zero-shot with the ``fast`` and ``balanced`` presets, and the trained-network mode with a
+network of the default architecture (LiteMedSAM encoder, head, 5-level PDFP) whose weights are
+random — its timings and memory are those of a trained one; its accuracy is not reported.
+Stages: read, resample, encoder, network (head + pyramid forward), optimise, write; peak host RSS and,
+on a GPU, peak device memory.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RESULTS, Case, header, markdown_table, run_method, save_case_volumes, write_results  # noqa: E402
+from synthetic import WARP_MAX_MM, find_colin27, inverse_field  # noqa: E402
+
+SIZES = {  # name: (shape zyx, spacing zyx mm)
+    "acdc": ((16, 128, 128), (10.0, 1.8, 1.8)),
+    "brain": ((224, 192, 160), (1.0, 1.0, 1.0)),
+    "abdomen": ((256, 160, 192), (2.0, 2.0, 2.0)),
+}
+BRAIN_PAIR = Path(os.environ.get("SAMIR_BRAIN_PAIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-pair"))
+
+
+def source_image(size: str):
+    from samir.io import read_image
+    if size == "acdc":
+        import dipy
+        import nibabel
+        from samir.geometry import Volume
+        # its affine is not orthonormal (SimpleITK refuses it); the voxel grid and spacing are what matter here
+        image = nibabel.load(Path(dipy.__file__).parent / "data" / "files" / "S0_10slices.nii.gz")
+        data = np.asarray(image.get_fdata(), dtype=np.float32).reshape(image.shape[:3])  # (128, 128, 10, 1)
+        # its third zoom (53 mm) is the b-value table's, not a slice distance: take 10 mm, like cine MRI
+        spacing = tuple(float(z) for z in image.header.get_zooms()[:2]) + (10.0,)
+        return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), spacing=spacing, name="dipy S0")
+    if size == "brain" and (BRAIN_PAIR / "subjectA_t1.nii.gz").exists():
+        return read_image(BRAIN_PAIR / "subjectA_t1.nii.gz", "brain")
+    if size == "brain":
+        from samir.demo import load_mni152
+        return load_mni152(1)[0]
+    return read_image(find_colin27() / "ch2.nii.gz", "colin27")
+
+
+def fit_to_grid(volume, shape_zyx, spacing_zyx):
+    """Resample ``volume`` onto a grid of that shape and spacing centred on its own centre."""
+    import SimpleITK as sitk
+    from samir.geometry import from_sitk, to_sitk
+    image = to_sitk(volume)
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    size, spacing = list(shape_zyx[::-1]), list(spacing_zyx[::-1])
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    origin = np.asarray(centre) - direction @ (np.asarray(spacing) * (np.asarray(size) - 1) / 2)
+    out = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, origin.tolist(), spacing,
+                        image.GetDirection(), 0.0, sitk.sitkFloat32)
+    return from_sitk(out, volume.name)
+
+
+def make_size_case(size: str, work: Path) -> Case:
+    import torch
+    from samir.demo import random_smooth_displacement
+    from samir.spatial import warp
+    shape, spacing = SIZES[size]
+    fixed = fit_to_grid(source_image(size), shape, spacing)
+    array = fixed.array.astype(np.float32)
+    fixed = fixed.with_array(np.clip(array / max(float(np.percentile(array, 99.5)), 1e-6), 0, 1))
+    d = random_smooth_displacement(fixed.shape, fixed.spacing_zyx, WARP_MAX_MM, control_points=6, seed=1)
+    moved = warp(torch.from_numpy(fixed.array)[None, None], inverse_field(d))[0, 0].numpy()
+    paths = save_case_volumes(work / "scaling" / size, fixed, fixed.with_array(moved))
+    return Case(f"scaling_{size}", paths["fixed"], paths["moving"],
+                description=f"{'x'.join(map(str, shape))} voxels at {'x'.join(f'{s:g}' for s in spacing)} mm")
+
+
+def random_network(path: Path) -> Path:
+    """A checkpoint of the default architecture with random weights (for timing only)."""
+    import torch
+    from samir.features import ChannelReduction
+    from samir.network import ModelConfig, build_network, save_model
+    if path.exists():
+        return path
+    config = ModelConfig(training_data="random weights: timing only (bench/scaling.py)")
+    torch.manual_seed(0)
+    net = build_network(config)
+    g = torch.Generator().manual_seed(1)
+    reduction = ChannelReduction(torch.zeros(config.encoder_channels),
+                                 torch.randn(config.encoder_channels, config.feature_channels, generator=g) / 16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_model(path, net, config, reduction)
+
+
+STAGES = ("read", "resample", "encoder", "network", "optimise", "write")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="acdc,brain,abdomen")
+    parser.add_argument("--configs", default="samir:fast,samir:balanced,network",
+                        help="samir:PRESET (zero-shot) and/or network (random-weight default network)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "samir_bench")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="suffix of the result files (e.g. the GPU's name)")
+    args = parser.parse_args(argv)
+    rows = []
+    network = None
+    for size in args.sizes.split(","):
+        case = make_size_case(size, args.work)
+        for config in args.configs.split(","):
+            extra = []
+            if config == "network":
+                network = network or random_network(args.work / "scaling" / "random_network.pt")
+                extra = ["--mode", "network", "--network", str(network)]
+            method = "samir:network" if config == "network" else config
+            print(f"{case.name}: {config} ...", flush=True)
+            run = run_method(method, case, args.work / "scaling" / size / config.replace(":", "_"), args.threads,
+                             device=args.device, extra_args=extra)
+            row = {"size": size, "grid": case.description, "config": "network (random weights)" if config == "network"
+                   else f"zero-shot {config.split(':', 1)[1]}", **run}
+            for stage in STAGES:
+                row[f"{stage}_s"] = run.get("stages_s", {}).get(stage)
+            row["total_s"] = run.get("stages_s", {}).get("total")
+            row["peak_rss_gb"] = run["peak_rss_mb"] / 1024 if run.get("peak_rss_mb") else None
+            row["device_peak_gb"] = run["device_peak_mb"] / 1024 if run.get("device_peak_mb") else None
+            rows.append(row)
+    columns = [("size", "size", 0), ("grid", "grid", 0), ("configuration", "config", 0),
+               *[(f"{stage} s", f"{stage}_s", 2) for stage in STAGES], ("total s", "total_s", 2),
+               ("peak RSS GB", "peak_rss_gb", 2)]
+    if args.device != "cpu":
+        columns.append(("device peak GB", "device_peak_gb", 2))
+    ok = [r for r in rows if "error" not in r]
+    md = "\n".join([header("Suite 4 — speed and memory against volume size", args.threads, f"device {args.device}"),
+                    markdown_table(ok, columns), "",
+                    *[f"- {r['size']} {r['config']}: error {r['error']}" for r in rows if "error" in r],
+                    "- n/a: the stage does not run in that configuration (zero-shot needs no encoder by default;"
+                    " the network mode does not optimise unless refined).", ""])
+    write_results(f"scaling{('_' + args.tag) if args.tag else ''}", md, {"rows": rows}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
