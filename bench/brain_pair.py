@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, ROOT, Case, evaluate, fmt, header, initial_scores, markdown_table, method_name, write_results  # noqa: E402
+from harness import RESULTS, ROOT, Case, evaluate, fmt, header, initial_scores, markdown_table, method_name, reused_note, write_results  # noqa: E402
 
 DATA = Path(os.environ.get("SAMIR_BRAIN_PAIR", ROOT.parent / "shared" / "data" / "brain-pair"))
 ANTS_CC_CACHE = RESULTS / "ants_cc_brain_pair.json"
@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     parser.add_argument("--measure-ants-cc", action="store_true", help="run ANTs SyN CC (hours) and cache its row")
+    parser.add_argument("--reuse-peers", action="store_true",
+                        help="reuse a peer's output already in --work for this pair instead of running it again")
     parser.add_argument("--cache-check", action="store_true", help="time the encoder stage cold and warm")
     parser.add_argument("--device", default="cpu", help="SAMIR's device (peers run on the CPU)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
     rows = []
     for method in methods:
         print(f"running {method_name(method)} ...", flush=True)
-        row = evaluate(method, case, args.work, args.threads, device=args.device if method.startswith("samir") else "cpu")
+        row = evaluate(method, case, args.work, args.threads, device=args.device if method.startswith("samir") else "cpu",
+                       reuse_peers=args.reuse_peers)
         print("  " + (str(row.get("error")) if "error" in row else
                       f"Dice {row['dice']:.3f}  HD95 {row['hd95_mm']:.2f} mm  folding {row['folding_percent']:.4f} %"
                       f"  {row['wall_s']:.0f} s  {fmt(row.get('peak_rss_mb'), 0)} MB"), flush=True)
@@ -117,16 +120,19 @@ def main(argv=None) -> int:
                     r[key] = r["wall_s"] / timing[ref]
     before = initial_scores(case)
     ok = [r for r in rows if "error" not in r]
+    reused = reused_note(ok)
     md = "\n".join([
         header("Suite 1 — real inter-subject brain pair", args.threads, f"SAMIR on {args.device}"),
         f"{case.description}; before registration: Dice {before['dice']:.3f}, HD95 {before['hd95_mm']:.2f} mm.\n",
-        markdown_table(ok, COLUMNS), "",
+        markdown_table(ok, COLUMNS), "", *reused,
         *[f"- {r['name']}: error {r['error']}" for r in rows if "error" in r],
         *[f"- {method_name(r['method'])} stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items())
           for r in ok if r.get("stages_s")],
         "- time ratios: wall time of the SAMIR row divided by the peer's, measured in this run "
         "(ANTs CC: its cached measurement, see below).",
-        *[f"- ANTs CC row: `{r.get('command')}` on {r.get('measured')}" for r in ok if r["method"] == "ants-cc"],
+        *[(f"- ANTs CC row: measured on {r.get('measured')} with `{r.get('command')}`" if r.get("measured_here", True)
+           else f"- ANTs CC row: {r.get('source')}; not re-measured here (`bench/brain_pair.py --measure-ants-cc`"
+                " measures it, over an hour on 2 cores, and caches it)") for r in ok if r["method"] == "ants-cc"],
         "", "![Dice per label](brain_pair_per_label.png)", ""])
     if args.cache_check:
         check = cache_check(args.threads, args.device)

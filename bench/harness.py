@@ -80,6 +80,17 @@ def machine_info() -> Dict[str, str]:
             "memory_gb": f"{memory_gb:.0f}", "commit": commit, "python": platform.python_version()}
 
 
+REUSED_NOTE = ("- Peer rows marked * reuse that peer's output for the identical input from an earlier run of this suite"
+               " on the same machine and day (`--reuse-peers`); SAMIR rows are always run.")
+
+
+def reused_note(rows: Sequence[dict]) -> List[str]:
+    for row in rows:
+        if row.get("reused"):
+            row["name"] = row["name"] + " *"
+    return [REUSED_NOTE] if any(r.get("reused") for r in rows) else []
+
+
 def header(title: str, threads: int, extra: str = "") -> str:
     m = machine_info()
     return (f"## {title}\n\n{m['date']} · commit {m['commit']} · {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB"
@@ -192,9 +203,14 @@ def initial_scores(case: Case) -> dict:
 
 
 def evaluate(method: str, case: Case, work: Path, threads: int, with_hd95: bool = True, device: str = "cpu",
-             timeout_s: float = 4 * 3600) -> dict:
+             timeout_s: float = 4 * 3600, reuse_peers: bool = False) -> dict:
+    """Run (or, with ``reuse_peers``, reuse a peer's earlier output for the same case) and score."""
     out_dir = work / case.name / method.replace(":", "_")
-    run = run_method(method, case, out_dir, threads, timeout_s, device)
+    if reuse_peers and not method.startswith("samir") and (out_dir / "run.json").exists() \
+            and (out_dir / "displacement.nii.gz").exists():
+        run = {**json.loads((out_dir / "run.json").read_text()), "method": method, "threads": threads, "reused": True}
+    else:
+        run = run_method(method, case, out_dir, threads, timeout_s, device)
     row = {"case": case.name, "method": method, "name": method_name(method), **run}
     if "error" not in run:
         row.update(score(case, out_dir, with_hd95))

@@ -1,6 +1,6 @@
 """Run every CPU suite in one go and put the latest tables into ``bench/README.md``.
 
-    .venv/bin/python bench/run_all.py [--threads 2] [--skip brain,synthetic,robustness,scaling]
+    .venv/bin/python bench/run_all.py [--threads 2] [--skip brain,synthetic,robustness,scaling] [--reuse-peers]
     .venv/bin/python bench/run_all.py --readme-only      # only re-assemble the README from bench/results
 
 The README's "Latest results" section (between the two marker lines) is rebuilt from the markdown
@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip", default="")
     parser.add_argument("--readme-only", action="store_true")
+    parser.add_argument("--reuse-peers", action="store_true",
+                        help="suites 1-3: reuse peers' outputs of an earlier run for identical inputs")
     args = parser.parse_args(argv)
     if not args.readme_only:
         skip = set(filter(None, args.skip.split(",")))
@@ -51,7 +53,8 @@ def main(argv=None) -> int:
             if name in skip:
                 continue
             print(f"=== suite {name} ===", flush=True)
-            subprocess.run([sys.executable, str(BENCH / command[0]), *command[1:], "--threads", str(args.threads)],
+            reuse = ["--reuse-peers"] if args.reuse_peers and name != "scaling" else []
+            subprocess.run([sys.executable, str(BENCH / command[0]), *command[1:], "--threads", str(args.threads), *reuse],
                            check=True)
     assemble_readme()
     return 0
