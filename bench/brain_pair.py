@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         *[f"- {r['name']}: error {r['error']}" for r in rows if "error" in r],
         *[f"- {method_name(r['method'])} stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items())
           for r in ok if r.get("stages_s")],
-        "- time ratios: wall time of the SAMIR row divided by the peer's, measured in this run "
+        "- time ratios: wall time of the SAMIR row divided by the peer's row above "
         "(ANTs CC: its cached measurement, see below).",
         *[(f"- ANTs CC row: measured on {r.get('measured')} with `{r.get('command')}`" if r.get("measured_here", True)
            else f"- ANTs CC row: {r.get('source')}; not re-measured here (`bench/brain_pair.py --measure-ants-cc`"
