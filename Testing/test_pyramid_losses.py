@@ -32,6 +32,37 @@ def test_pdfp_any_size_and_identity_at_initialisation():
         assert out.final.abs().max() == 0  # zero-initialised velocity heads
 
 
+def test_inference_in_slabs_gives_the_training_graph_outputs(monkeypatch):
+    """Without autograd the head and velocity blocks run slab by slab with in-place instance norm, and the
+    head's widest block (40 channels, wider than its input and the next block) in groups of 16 channels
+    feeding the next convolution; the first block (20, wider than its input but feeding a wider block) is
+    held whole. The fields must be those of the ordinary whole-volume pass."""
+    import samir.pyramid as pyramid
+    torch.manual_seed(0)
+    net = SAMIRNet(feature_channels=3, widths=(20, 40, 5), levels=3, hidden=6)
+    for block in net.pdfp.blocks:
+        torch.nn.init.normal_(block.out.weight, std=0.05)
+    for module in net.head.modules():
+        if isinstance(module, torch.nn.InstanceNorm3d):
+            torch.nn.init.normal_(module.weight, 1.0, 0.3), torch.nn.init.normal_(module.bias, 0.0, 0.3)
+    shape = (19, 12, 10)
+    ff, mf = torch.rand(1, 3, *shape), torch.rand(1, 3, *shape)
+    fi, mi = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
+    reference = net(ff, fi, mf, mi, slicing_axis=0)
+    monkeypatch.setattr(pyramid, "INFERENCE_SLAB_VOXELS", 4 * 12 * 10)  # 4-slice slabs: 5 of them at level 1
+    calls = []
+    original = pyramid.apply_in_slabs
+    monkeypatch.setattr(pyramid, "apply_in_slabs", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
+    with torch.inference_mode():
+        lean = net(ff, fi, mf, mi, slicing_axis=0)
+    # per image: the first conv, then 3 channel groups of the second conv and their shares of the third;
+    # then every level's velocity block
+    assert len(calls) == 2 * (1 + 3 + 3) + 3
+    assert reference.final.abs().max() > 0.01
+    for a, b in zip(reference.fields, lean.fields):
+        torch.testing.assert_close(b, a.detach(), atol=2e-5, rtol=1e-4)
+
+
 def test_pdfp_gradients_reach_every_level():
     pdfp = PDFP(channels=2, levels=2, hidden=4)
     for block in pdfp.blocks:

@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .spatial import compose, integrate, resize_field, resize_volume, warp
 
@@ -51,6 +52,67 @@ def pyramid_shapes(shape: Sequence[int], levels: int, slicing_axis: Optional[int
     return shapes
 
 
+# Inference (no autograd) runs the full-resolution convolutions in slabs along z with about this many
+# voxels each, and instance norm in place: the same outputs without the large temporaries of a
+# whole-volume pass (a 256x160x192 pair in network mode peaked at 10 GB on the CPU before).
+INFERENCE_SLAB_VOXELS = 1_000_000
+
+
+def apply_in_slabs(fn, inputs: Sequence[torch.Tensor], halo: int, out_channels: int,
+                   slab_voxels: Optional[int] = None, accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``fn(*inputs)`` for a local ``fn`` (each output voxel sees at most ``halo`` voxels along z, and
+    zero padding at the volume's border, like stride-1 same-padded convolutions), computed slab by slab.
+
+    ``inputs``: ``(B, C_i, D, H, W)`` tensors on one grid; returns ``(B, out_channels, D, H, W)``, or adds
+    the result to ``accumulate_into`` (of that shape) and returns it.
+    """
+    batch, _, depth, height, width = inputs[0].shape
+    slab_voxels = slab_voxels or INFERENCE_SLAB_VOXELS
+    thickness = max(1, slab_voxels // max(1, height * width))
+    if thickness >= depth and accumulate_into is None:
+        return fn(*inputs)
+    out = accumulate_into
+    if out is None:
+        out = inputs[0].new_empty((batch, out_channels, depth, height, width))
+    for z0 in range(0, depth, thickness):
+        z1 = min(depth, z0 + thickness)
+        lo, hi = max(0, z0 - halo), min(depth, z1 + halo)
+        part = fn(*(x[:, :, lo:hi] for x in inputs))[:, :, z0 - lo:z0 - lo + z1 - z0]
+        if accumulate_into is None:
+            out[:, :, z0:z1] = part
+        else:
+            out[:, :, z0:z1] += part
+    return out
+
+
+def instance_norm_leaky_relu_(x: torch.Tensor, norm: nn.InstanceNorm3d, slope: float,
+                              channels: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """``leaky_relu(norm(x))`` in place, one channel at a time (inference only); ``channels``: which of
+    ``norm``'s channels ``x``'s channels are (default: all, in order)."""
+    channels = range(x.shape[1]) if channels is None else channels
+    for b in range(x.shape[0]):
+        for i, c in enumerate(channels):
+            channel = x[b, i]
+            var, mean = torch.var_mean(channel, unbiased=False)
+            scale = torch.rsqrt(var + norm.eps)
+            if norm.affine:
+                channel.sub_(mean).mul_(scale * norm.weight[c]).add_(norm.bias[c])
+            else:
+                channel.sub_(mean).mul_(scale)
+    return F.leaky_relu_(x, slope)
+
+
+def _conv_part(conv: nn.Conv3d, out_channels: Optional[slice] = None, in_channels: Optional[slice] = None,
+               bias: bool = True):
+    """``conv`` restricted to some output or input channels (a sum over input-channel groups, plus the
+    bias once, is the whole convolution)."""
+    weight = conv.weight
+    weight = weight if out_channels is None else weight[out_channels]
+    weight = weight if in_channels is None else weight[:, in_channels]
+    b = None if not bias or conv.bias is None else (conv.bias if out_channels is None else conv.bias[out_channels])
+    return lambda x: F.conv3d(x, weight, b, padding=conv.padding)
+
+
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(in_channels, out_channels, 3, padding=1),
                          nn.InstanceNorm3d(out_channels, affine=True), nn.LeakyReLU(0.2))
@@ -69,7 +131,42 @@ class FeatureHead(nn.Module):
         self.out_channels = c
 
     def forward(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return self.blocks(torch.cat([features, image], dim=1))
+        x = torch.cat([features, image], dim=1)
+        if torch.is_grad_enabled():
+            return self.blocks(x)
+        return self.infer(x)
+
+    def infer(self, x: torch.Tensor, group: int = 16) -> torch.Tensor:
+        """``blocks(x)`` for ``x = cat(features, image)`` without autograd and without the graph's temporaries:
+        convolutions in slabs, norms in place, and a block wider than both its input and the next block's
+        output is never held whole: its output channels are produced ``group`` at a time (instance norm is per
+        channel) and each group's share of the next convolution accumulated. Pass ``x`` as a temporary (not held by the caller) and it is
+        freed after the first convolution."""
+        blocks = list(self.blocks)
+        i = 0
+        while i < len(blocks):
+            conv, norm, act = blocks[i]
+            next_conv = blocks[i + 1][0] if i + 1 < len(blocks) else None
+            if next_conv is not None and conv.out_channels > max(conv.in_channels, group, next_conv.out_channels):
+                _, next_norm, next_act = blocks[i + 1]
+                out = None
+                for start in range(0, conv.out_channels, group):
+                    channels = slice(start, min(conv.out_channels, start + group))
+                    part = apply_in_slabs(_conv_part(conv, out_channels=channels), [x], 1, channels.stop - start)
+                    part = instance_norm_leaky_relu_(part, norm, act.negative_slope, range(start, channels.stop))
+                    contribution = _conv_part(next_conv, in_channels=channels, bias=start == 0)
+                    if out is None:
+                        out = apply_in_slabs(contribution, [part], 1, next_conv.out_channels)
+                    else:
+                        apply_in_slabs(contribution, [part], 1, next_conv.out_channels, accumulate_into=out)
+                    del part
+                x = instance_norm_leaky_relu_(out, next_norm, next_act.negative_slope)
+                i += 2
+            else:
+                x = apply_in_slabs(conv, [x], 1, conv.out_channels)
+                x = instance_norm_leaky_relu_(x, norm, act.negative_slope)
+                i += 1
+        return x
 
 
 class VelocityBlock(nn.Module):
@@ -84,6 +181,11 @@ class VelocityBlock(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, warped_moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self._velocity(warped_moving, fixed)
+        return apply_in_slabs(self._velocity, [warped_moving, fixed], 3, 3)
+
+    def _velocity(self, warped_moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(torch.cat([warped_moving, fixed], dim=1)))
 
 

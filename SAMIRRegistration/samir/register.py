@@ -257,6 +257,9 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     guide = model is None and fixed_features is not None
     if guide:
         fixed_features, moving_features = reduce_pair(fixed_features, moving_features, options)
+    elif model is not None and fixed_features is not None:
+        from .network import prepare_features  # the raw 256-channel features are not needed any more
+        fixed_features, moving_features = prepare_features(model, fixed_features, moving_features)
     if model is not None:
         settings = replace(settings, optimised_levels=2, iterations=(options.refine_iterations,))
 
@@ -271,7 +274,7 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
             from .network import predict_field
             report("network", 0.0)
             initial_field = predict_field(model, fixed_t, moving_t, fixed_features, moving_features,
-                                          fixed.spacing_zyx, axis)
+                                          fixed.spacing_zyx, axis, prepared=True)
             report("network", 1.0)
             timings["network_s"] = time.perf_counter() - t_start
             t_start = time.perf_counter()
