@@ -80,3 +80,34 @@ def intensity_rank_correlation(fixed01: np.ndarray, moving01: np.ndarray, valid:
     if rank_a.std() == 0 or rank_b.std() == 0:
         return 0.0
     return float(np.corrcoef(rank_a, rank_b)[0, 1])
+
+
+HISTOGRAM_QUANTILES = 1025
+
+
+def match_histogram(source01: np.ndarray, reference01: np.ndarray, source_valid: Optional[np.ndarray] = None,
+                    reference_valid: Optional[np.ndarray] = None, quantiles: int = HISTOGRAM_QUANTILES) -> np.ndarray:
+    """``source01`` remapped by a monotone intensity map so that its distribution inside ``source_valid``
+    matches ``reference01``'s inside ``reference_valid`` (quantile matching, float32).
+
+    For same-contrast pairs whose intensity response differs (gamma, scanner, bias in the global map):
+    local NCC is invariant to linear changes only. Quantiles the source repeats (a background plateau)
+    map to the mean of the matching reference quantiles; voxels outside ``source_valid`` are unchanged.
+    """
+    if source01.shape != reference01.shape:
+        raise ValueError(f"histogram matching needs one grid, got {source01.shape} and {reference01.shape}")
+    source_values = source01 if source_valid is None else source01[source_valid > 0]
+    reference_values = reference01 if reference_valid is None else reference01[reference_valid > 0]
+    if source_values.size < quantiles or reference_values.size < quantiles:
+        return source01.astype(np.float32, copy=True)
+    levels = np.linspace(0.0, 1.0, quantiles)
+    source_q = np.quantile(_sample(source_values), levels)
+    reference_q = np.quantile(_sample(reference_values), levels)
+    knots, which = np.unique(source_q, return_inverse=True)
+    targets = np.bincount(which, weights=reference_q) / np.bincount(which)
+    if knots.size < 2:
+        return source01.astype(np.float32, copy=True)
+    mapped = np.interp(source01, knots, targets).astype(np.float32)
+    if source_valid is not None:
+        mapped = np.where(source_valid > 0, mapped, source01).astype(np.float32)
+    return mapped

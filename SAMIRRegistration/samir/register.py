@@ -23,7 +23,7 @@ from .feature_cache import FeatureCache
 from .features import (auto_slice_stride, choose_slicing_axis, default_encoder_batch_size, encode_volume,
                        fit_channel_reduction, reduce_channels, remove_frame_component)
 from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps, from_sitk, to_sitk
-from .intensity import intensity_rank_correlation, normalize_intensity, resolve_normalization
+from .intensity import intensity_rank_correlation, match_histogram, normalize_intensity, resolve_normalization
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
 from .resources import check_host_memory, estimate_peak_memory_mb, resolve_device, run_with_oom_fallback
 from .zeroshot import OptimizerSettings, optimize_pyramid, optimised_level_shapes
@@ -57,6 +57,7 @@ class RegistrationOptions:
     input_size: Optional[int] = None  # encoder k
     preset: str = "balanced"
     similarity: str = "auto"  # image similarity: ncc, mind, or auto (ncc unless the contrasts are reversed)
+    histogram_matching: bool = True  # zero-shot with NCC: moving intensities mapped onto the fixed histogram
     device: str = "auto"
     normalization: str = "auto"
     slicing_axis: Optional[int] = None  # in the fixed array's (z, y, x) axes
@@ -229,6 +230,12 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     if similarity == "auto":
         similarity = "ncc" if rank_correlation >= SAME_CONTRAST_MIN_CORRELATION else "mind"
     settings = replace(settings, similarity=similarity)
+    # NCC forgives linear intensity changes only; a same-contrast pair with another intensity response
+    # (gamma, scanner, protocol) is first brought onto one histogram over the region both images cover.
+    # The network sees the intensities it was trained on; MIND-SSC needs no matching.
+    histogram_matched = bool(options.histogram_matching and model is None and similarity == "ncc")
+    if histogram_matched:
+        moving01 = match_histogram(moving01, fixed01, source_valid=coverage, reference_valid=coverage)
     timings["resample_s"] = time.perf_counter() - t0
     report("resample", 1.0)
 
@@ -299,7 +306,8 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
         "network": model.describe() if model is not None else None, "refine_iterations": options.refine_iterations,
         "device": str(device), "preset": options.preset, "normalization": norm, "slicing_axis_zyx": axis,
         "slice_stride": stride, "overlap_fraction": overlap, "similarity": similarity,
-        "intensity_rank_correlation": rank_correlation, "optimizer": settings.to_dict(),
+        "intensity_rank_correlation": rank_correlation, "histogram_matching": histogram_matched,
+        "optimizer": settings.to_dict(),
         "feature_cache": cache.report() if cache is not None else ({"enabled": False} if stride is not None else None),
         "levels": [asdict(level) for level in levels], "notes": notes, "estimated_peak_host_mb": estimate,
         **peak_memory_mb(device),
