@@ -101,3 +101,11 @@ def test_gpu_script_code_path_on_cpu(tmp_path):
     assert all(r["slices_per_s"] > 0 for r in data["encoder"])
     assert data["end_to_end"][0]["seconds"] > 0
     assert "quick check, not a measurement" in (tmp_path / "gpu_quick_cpu.md").read_text()
+
+
+def test_samir_variants_name_their_preset_and_options():
+    assert harness.samir_variant("samir:fast") == ("fast", [])
+    assert harness.samir_variant("samir:balanced+hm") == ("balanced", ["--histogram-matching"])
+    assert harness.method_name("samir:balanced+hm") == "SAMIR zero-shot balanced + histogram matching"
+    with pytest.raises(ValueError, match="unknown SAMIR variant"):
+        harness.samir_variant("samir:fast+typo")

@@ -31,14 +31,14 @@ def test_register_writes_every_output_and_a_summary(cli_run):
     assert summary["folding_percent"] < 0.1
     assert {"read", "optimise", "write", "total"} <= set(summary["timings_s"])
     assert not list(out.parent.glob(".result.partial-*"))
-    assert summary["similarity"] == "ncc" and summary["histogram_matching"] is True
+    assert summary["similarity"] == "ncc" and summary["histogram_matching"] is False
 
 
-def test_histogram_matching_can_be_turned_off_on_the_command_line():
+def test_histogram_matching_is_asked_for_on_the_command_line():
     from samir.cli import build_parser, options_from_args
     parse = lambda *extra: options_from_args(build_parser().parse_args(["register", "f.nii", "m.nii", *extra]))
-    assert parse().histogram_matching is True
-    assert parse("--no-histogram-matching").histogram_matching is False
+    assert parse().histogram_matching is False
+    assert parse("--histogram-matching").histogram_matching is True
 
 
 def test_written_transform_reproduces_the_warped_image_in_simpleitk(cli_run, demo_files):

@@ -35,10 +35,19 @@ METHOD_NAMES = {
 }
 
 
+def samir_variant(method: str):
+    """``samir:PRESET`` or ``samir:PRESET+hm`` (histogram matching): the preset and the extra arguments."""
+    spec = method.split(":", 1)[1] if ":" in method else "balanced"
+    preset, _, option = spec.partition("+")
+    if option not in ("", "hm"):
+        raise ValueError(f"unknown SAMIR variant {method!r}: samir:PRESET or samir:PRESET+hm")
+    return preset, (["--histogram-matching"] if option == "hm" else [])
+
+
 def method_name(method: str) -> str:
     if method.startswith("samir"):
-        preset = method.split(":", 1)[1] if ":" in method else "balanced"
-        return f"SAMIR zero-shot {preset}"
+        preset, extra = samir_variant(method)
+        return f"SAMIR zero-shot {preset}" + (" + histogram matching" if extra else "")
     return METHOD_NAMES.get(method, method)
 
 
@@ -117,10 +126,11 @@ def run_method(method: str, case: Case, out_dir: Path, threads: int, timeout_s: 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads),
            "SAMIR_THREADS": str(threads)}
     if method.startswith("samir"):
-        preset = method.split(":", 1)[1] if ":" in method else "balanced"
+        preset, variant_args = samir_variant(method)
         preset = "balanced" if preset == "network" else preset
         command = [sys.executable, "-m", "samir", "register", str(case.fixed), str(case.moving), "--out",
-                   str(out_dir), "--preset", preset, "--device", device, "--progress", "none", "--no-cache", *extra_args]
+                   str(out_dir), "--preset", preset, "--device", device, "--progress", "none", "--no-cache",
+                   *variant_args, *extra_args]
     elif method in PEER_METHODS:
         command = [str(peers_python()), str(BENCH / "peers.py"), method, "--fixed", str(case.fixed), "--moving",
                    str(case.moving), "--out", str(out_dir), "--threads", str(threads)]

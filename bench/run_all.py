@@ -20,7 +20,7 @@ BEGIN, END = "<!-- latest results: begin (bench/run_all.py) -->", "<!-- latest r
 SUITES = {
     "brain": ["brain_pair.py", "--methods", "samir:balanced,samir:accurate,demons,elastix,ants-mi", "--cache-check"],
     "synthetic": ["synthetic.py", "accuracy"],
-    "robustness": ["synthetic.py", "robustness"],
+    "robustness": ["synthetic.py", "robustness", "--methods", "samir:balanced,samir:balanced+hm,demons,elastix,ants-mi"],
     "scaling": ["scaling.py"],
 }
 RESULT_FILES = ("brain_pair.md", "synthetic_accuracy.md", "robustness.md", "scaling.md")

@@ -67,9 +67,10 @@ def add_registration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--similarity", default="auto", choices=("auto", "ncc", "mind"),
                         help="image similarity: ncc (local NCC, same contrast), mind (MIND-SSC, any contrast, e.g. T1 vs"
                              " T2) or auto (default: ncc unless fixed and moving intensities are anti-correlated)")
-    parser.add_argument("--no-histogram-matching", action="store_true",
-                        help="zero-shot with ncc: do not map the moving intensities onto the fixed image's histogram"
-                             " (on by default; it makes NCC robust to gamma-like intensity changes)")
+    parser.add_argument("--histogram-matching", action="store_true",
+                        help="zero-shot with ncc: map the moving intensities onto the fixed image's histogram first"
+                             " (for a non-linear intensity change between same-contrast scans, e.g. another scanner"
+                             " or gamma; not where structures change size, e.g. cardiac phases)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--normalization", default="auto", choices=NORMALIZATIONS,
                         help="intensity normalisation: mr = percentile clip, ct = HU window [-500, 800]")
@@ -102,7 +103,7 @@ def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
     return RegistrationOptions(
         mode=args.mode, network=network, refine_iterations=args.refine,
         encoder=args.encoder, weights=encoder_weights, input_size=args.input_size, preset=args.preset,
-        similarity=args.similarity, histogram_matching=not args.no_histogram_matching,
+        similarity=args.similarity, histogram_matching=args.histogram_matching,
         device=args.device, normalization=args.normalization, slicing_axis=args.slicing_axis,
         slice_stride=args.slice_stride, use_features=args.features, seed=args.seed, use_cache=not args.no_cache,
         optimizer={"levels": args.levels, "finest_level": args.finest_level, "iterations": args.iterations,

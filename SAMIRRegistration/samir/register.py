@@ -57,7 +57,9 @@ class RegistrationOptions:
     input_size: Optional[int] = None  # encoder k
     preset: str = "balanced"
     similarity: str = "auto"  # image similarity: ncc, mind, or auto (ncc unless the contrasts are reversed)
-    histogram_matching: bool = True  # zero-shot with NCC: moving intensities mapped onto the fixed histogram
+    # zero-shot with NCC: moving intensities mapped onto the fixed histogram first. Off by default: where
+    # structures change size (cardiac phases, growth) the map reshapes soft edges and mimics the deformation.
+    histogram_matching: bool = False
     device: str = "auto"
     normalization: str = "auto"
     slicing_axis: Optional[int] = None  # in the fixed array's (z, y, x) axes
@@ -230,9 +232,9 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     if similarity == "auto":
         similarity = "ncc" if rank_correlation >= SAME_CONTRAST_MIN_CORRELATION else "mind"
     settings = replace(settings, similarity=similarity)
-    # NCC forgives linear intensity changes only; a same-contrast pair with another intensity response
-    # (gamma, scanner, protocol) is first brought onto one histogram over the region both images cover.
-    # The network sees the intensities it was trained on; MIND-SSC needs no matching.
+    # NCC forgives linear intensity changes only; on request a same-contrast pair with another intensity
+    # response (gamma, scanner, protocol) is first brought onto one histogram over the region both images
+    # cover. The network sees the intensities it was trained on; MIND-SSC needs no matching.
     histogram_matched = bool(options.histogram_matching and model is None and similarity == "ncc")
     if histogram_matched:
         moving01 = match_histogram(moving01, fixed01, source_valid=coverage, reference_valid=coverage)
