@@ -131,17 +131,16 @@ class FeatureHead(nn.Module):
         self.out_channels = c
 
     def forward(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([features, image], dim=1)
         if torch.is_grad_enabled():
-            return self.blocks(x)
-        return self.infer(x)
+            return self.blocks(torch.cat([features, image], dim=1))
+        return self.infer(torch.cat([features, image], dim=1))  # a temporary, freed after the first conv
 
     def infer(self, x: torch.Tensor, group: int = 16) -> torch.Tensor:
         """``blocks(x)`` for ``x = cat(features, image)`` without autograd and without the graph's temporaries:
         convolutions in slabs, norms in place, and a block wider than both its input and the next block's
-        output is never held whole: its output channels are produced ``group`` at a time (instance norm is per
-        channel) and each group's share of the next convolution accumulated. Pass ``x`` as a temporary (not held by the caller) and it is
-        freed after the first convolution."""
+        output is never held whole: its output channels are produced ``group`` at a time (instance norm is
+        per channel) and each group's share of the next convolution accumulated. Pass ``x`` as a temporary
+        (not held by the caller) and it is freed after the first convolution."""
         blocks = list(self.blocks)
         i = 0
         while i < len(blocks):
