@@ -34,11 +34,13 @@ def test_register_writes_every_output_and_a_summary(cli_run):
     assert summary["similarity"] == "ncc" and summary["histogram_matching"] is False
 
 
-def test_histogram_matching_is_asked_for_on_the_command_line():
+def test_histogram_matching_and_the_intensity_map_are_set_on_the_command_line():
     from samir.cli import build_parser, options_from_args
     parse = lambda *extra: options_from_args(build_parser().parse_args(["register", "f.nii", "m.nii", *extra]))
     assert parse().histogram_matching is False
     assert parse("--histogram-matching").histogram_matching is True
+    assert parse().settings().joint_intensity_map is True
+    assert parse("--no-intensity-map").settings().joint_intensity_map is False
 
 
 def test_written_transform_reproduces_the_warped_image_in_simpleitk(cli_run, demo_files):

@@ -71,6 +71,9 @@ def add_registration_arguments(parser: argparse.ArgumentParser) -> None:
                         help="zero-shot with ncc: map the moving intensities onto the fixed image's histogram first"
                              " (for a non-linear intensity change between same-contrast scans, e.g. another scanner"
                              " or gamma; not where structures change size, e.g. cardiac phases)")
+    parser.add_argument("--no-intensity-map", action="store_true",
+                        help="zero-shot with ncc: do not map the moving intensities by the monotone map fitted on the"
+                             " pair as aligned by the coarser levels (on by default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--normalization", default="auto", choices=NORMALIZATIONS,
                         help="intensity normalisation: mr = percentile clip, ct = HU window [-500, 800]")
@@ -107,7 +110,8 @@ def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
         device=args.device, normalization=args.normalization, slicing_axis=args.slicing_axis,
         slice_stride=args.slice_stride, use_features=args.features, seed=args.seed, use_cache=not args.no_cache,
         optimizer={"levels": args.levels, "finest_level": args.finest_level, "iterations": args.iterations,
-                   "smoothness": args.smoothness, "feature_weight": args.feature_weight})
+                   "smoothness": args.smoothness, "feature_weight": args.feature_weight,
+                   "joint_intensity_map": False if args.no_intensity_map else None})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,10 @@ An optional last stage keeps the finest optimised velocity grid but evaluates ``
 full-resolution images (``full_resolution_iterations``), for volumes whose full grid is too large
 to carry a velocity of its own.
 
-with ``S`` local NCC (same contrast) or the MIND-SSC descriptor difference (any contrast).
+with ``S`` local NCC (same contrast) or the MIND-SSC descriptor difference (any contrast). With NCC,
+from the second stage on ``M`` passes through a monotone intensity map fitted on the pair as aligned
+so far (``joint_intensity_map``): local NCC absorbs linear intensity changes only, and a map fitted
+on corresponding voxels, unlike histogram matching, is not bent by structures that change size.
 """
 from __future__ import annotations
 
@@ -19,10 +22,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .features import SliceFeatures, sample_features
+from .intensity import (MIN_MAP_NONLINEARITY, apply_monotone_map, joint_statistics, map_nonlinearity,
+                        symmetric_monotone_map)
 from .losses import LocalNCC, diffusion_loss, feature_loss, mind_loss, mind_ssc, ncc_window
 from .pyramid import pyramid_shapes
 from .spatial import compose, integrate, resize_field, resize_volume, warp
@@ -55,6 +61,9 @@ class OptimizerSettings:
     # (endpoint error 0.70 vs 0.56 of the initial, Dice 0.910 vs 0.926): roughness builds up across levels
     regularise_increment: bool = False
     full_resolution_iterations: int = 0  # a last stage on the finest optimised velocity grid, images at full resolution
+    # NCC: from the second stage on, the moving intensities pass through a monotone map fitted on the pair as
+    # aligned so far (fixed against warped moving), for intensity responses NCC's local linearity cannot absorb
+    joint_intensity_map: bool = True
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -68,6 +77,7 @@ class LevelReport:
     shape: tuple
     iterations: int
     loss: float
+    intensity_mapped: bool = False  # the moving intensities went through the joint intensity map
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -88,6 +98,34 @@ def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
         x = F.conv3d(F.pad(x, pad, mode="replicate"), kernel.view(1, 1, *shape).expand(channels, 1, *shape),
                      groups=channels)
     return x
+
+
+def flat_region(image: torch.Tensor, fraction: float = 0.5) -> torch.Tensor:
+    """1 where the local gradient magnitude is in the lowest ``fraction`` of the image's, else 0."""
+    grads = [torch.diff(image, dim=d, append=image.narrow(d, image.shape[d] - 1, 1)) for d in (2, 3, 4)]
+    magnitude = F.avg_pool3d(sum(g * g for g in grads), 3, 1, 1)
+    content = magnitude[image > CONTENT_THRESHOLD]
+    if content.numel() < 100:
+        return torch.ones_like(image)
+    step = max(1, content.numel() // 1_000_000)
+    return (magnitude <= torch.quantile(content[::step], fraction)).float()
+
+
+@torch.no_grad()
+def aligned_intensity_statistics(fixed: torch.Tensor, moving: torch.Tensor, field: torch.Tensor,
+                                 fixed_mask: Optional[torch.Tensor] = None,
+                                 moving_mask: Optional[torch.Tensor] = None) -> np.ndarray:
+    """``(2, 3, bins)``: :func:`samir.intensity.joint_statistics` of ``moving`` warped by ``field`` (resized
+    to this grid) against ``fixed`` and of ``fixed`` against it, over the fixed image's flat regions: at edges the two differ by blur and residual
+    misalignment (regression to the mean), not by their intensity response."""
+    field = resize_field(field, tuple(fixed.shape[2:]))
+    weight = flat_region(fixed)
+    if fixed_mask is not None:
+        weight = weight * fixed_mask
+    if moving_mask is not None:
+        weight = weight * warp(moving_mask, field, padding_mode="zeros")
+    warped = warp(moving, field)
+    return np.stack([joint_statistics(warped, fixed, weight), joint_statistics(fixed, warped, weight)])
 
 
 def optimised_levels(shapes: Sequence[tuple], settings: OptimizerSettings) -> List[int]:
@@ -138,12 +176,19 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
     use_features = fixed_features is not None and moving_features is not None and settings.feature_weight > 0
     u = None if initial_field is None else initial_field.detach().to(device)
     reports: List[LevelReport] = []
+    intensity_statistics = 0.0
 
     for level, velocity_shape, shape, n_iter in stages:
         spacing_l = [s * full / n for s, full, n in zip(spacing_zyx, full_shape, shape)]
         f_l, m_l = resize_volume(fixed, shape), resize_volume(moving, shape)
         fm_l = None if fixed_mask is None else (resize_volume(fixed_mask, shape) > 0.5).float()
         mm_l = None if moving_mask is None else resize_volume(moving_mask, shape)
+        intensity_mapped = False
+        if settings.joint_intensity_map and settings.similarity == "ncc" and u is not None:
+            intensity_statistics = intensity_statistics + aligned_intensity_statistics(f_l, m_l, u, fm_l, mm_l)
+            knots, values = symmetric_monotone_map(*intensity_statistics)
+            if map_nonlinearity(knots, values) > MIN_MAP_NONLINEARITY:
+                m_l, intensity_mapped = apply_monotone_map(m_l, knots, values), True
         features_here = use_features and min(spacing_l) >= feature_spacing_mm
         if features_here:
             ff_l = sample_features(fixed_features, shape, device)
@@ -201,7 +246,7 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
         done += n_iter
         with torch.no_grad():
             u = compose(u_prev, level_increment(velocity))
-        reports.append(LevelReport(level, shape, it, loss_value))
+        reports.append(LevelReport(level, shape, it, loss_value, intensity_mapped))
         if progress:
             progress(done / total_iterations)
     with torch.no_grad():
