@@ -1,4 +1,4 @@
-"""Intensity normalisation to [0, 1] for the encoders and the similarity losses."""
+"""Intensity normalisation to [0, 1] for the encoders and the similarity losses, and monotone intensity maps."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
