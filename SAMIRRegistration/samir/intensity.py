@@ -85,6 +85,12 @@ def intensity_rank_correlation(fixed01: np.ndarray, moving01: np.ndarray, valid:
 HISTOGRAM_QUANTILES = 1025
 
 
+def merge_ties(x: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The distinct values of ``x`` (sorted) and the mean of ``y`` over each: knots for a piecewise-linear map."""
+    knots, which = np.unique(x, return_inverse=True)
+    return knots, np.bincount(which, weights=y) / np.bincount(which)
+
+
 def match_histogram(source01: np.ndarray, reference01: np.ndarray, source_valid: Optional[np.ndarray] = None,
                     reference_valid: Optional[np.ndarray] = None, quantiles: int = HISTOGRAM_QUANTILES) -> np.ndarray:
     """``source01`` remapped by a monotone intensity map so that its distribution inside ``source_valid``
@@ -103,8 +109,7 @@ def match_histogram(source01: np.ndarray, reference01: np.ndarray, source_valid:
     levels = np.linspace(0.0, 1.0, quantiles)
     source_q = np.quantile(_sample(source_values), levels)
     reference_q = np.quantile(_sample(reference_values), levels)
-    knots, which = np.unique(source_q, return_inverse=True)
-    targets = np.bincount(which, weights=reference_q) / np.bincount(which)
+    knots, targets = merge_ties(source_q, reference_q)
     if knots.size < 2:
         return source01.astype(np.float32, copy=True)
     mapped = np.interp(source01, knots, targets).astype(np.float32)
@@ -172,8 +177,7 @@ def symmetric_monotone_map(forward: np.ndarray, backward: np.ndarray) -> Tuple[n
     backward_knots, backward_values = monotone_map(backward)
     if len(forward_knots) < 2 or len(backward_knots) < 2:
         return np.zeros(0), np.zeros(0)
-    inverse_knots, which = np.unique(backward_values, return_inverse=True)  # flat runs: their mean target
-    inverse_values = np.bincount(which, weights=backward_knots) / np.bincount(which)
+    inverse_knots, inverse_values = merge_ties(backward_values, backward_knots)  # flat runs: their mean
     if inverse_knots.size < 2:
         return np.zeros(0), np.zeros(0)
     return forward_knots, 0.5 * (forward_values + np.interp(forward_knots, inverse_knots, inverse_values))

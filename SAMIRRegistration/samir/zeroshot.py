@@ -116,8 +116,9 @@ def aligned_intensity_statistics(fixed: torch.Tensor, moving: torch.Tensor, fiel
                                  fixed_mask: Optional[torch.Tensor] = None,
                                  moving_mask: Optional[torch.Tensor] = None) -> np.ndarray:
     """``(2, 3, bins)``: :func:`samir.intensity.joint_statistics` of ``moving`` warped by ``field`` (resized
-    to this grid) against ``fixed`` and of ``fixed`` against it, over the fixed image's flat regions: at edges the two differ by blur and residual
-    misalignment (regression to the mean), not by their intensity response."""
+    to this grid) against ``fixed`` and of ``fixed`` against it, over the fixed image's flat regions: at
+    edges the two differ by blur and residual misalignment (regression to the mean), not by their
+    intensity response."""
     field = resize_field(field, tuple(fixed.shape[2:]))
     weight = flat_region(fixed)
     if fixed_mask is not None:
@@ -183,9 +184,10 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
         f_l, m_l = resize_volume(fixed, shape), resize_volume(moving, shape)
         fm_l = None if fixed_mask is None else (resize_volume(fixed_mask, shape) > 0.5).float()
         mm_l = None if moving_mask is None else resize_volume(moving_mask, shape)
+        u_prev = torch.zeros((1, 3, *shape), device=device) if u is None else resize_field(u, shape).detach()
         intensity_mapped = False
         if settings.joint_intensity_map and settings.similarity == "ncc" and u is not None:
-            intensity_statistics = intensity_statistics + aligned_intensity_statistics(f_l, m_l, u, fm_l, mm_l)
+            intensity_statistics = intensity_statistics + aligned_intensity_statistics(f_l, m_l, u_prev, fm_l, mm_l)
             knots, values = symmetric_monotone_map(*intensity_statistics)
             if map_nonlinearity(knots, values) > MIN_MAP_NONLINEARITY:
                 m_l, intensity_mapped = apply_monotone_map(m_l, knots, values), True
@@ -204,7 +206,6 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
             image_ncc = LocalNCC(f_l, window)
         if features_here and settings.feature_similarity == "ncc":
             feature_ncc = LocalNCC(ff_l.transpose(0, 1), window)
-        u_prev = torch.zeros((1, 3, *shape), device=device) if u is None else resize_field(u, shape).detach()
         velocity = torch.zeros((1, 3, *velocity_shape), device=device, requires_grad=True)
         steps = settings.integration_steps
 
