@@ -10,6 +10,7 @@ folding and, for synthetic warps, the endpoint error against the known field.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -212,15 +213,31 @@ def initial_scores(case: Case) -> dict:
     return out
 
 
+INPUT_DIGEST_FILE = "inputs.sha256"
+
+
+def input_digest(case: Case) -> str:
+    """SHA-256 of the fixed and moving files: a peer's earlier output is reused only for these very bytes."""
+    digest = hashlib.sha256()
+    for path in (case.fixed, case.moving):
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
 def evaluate(method: str, case: Case, work: Path, threads: int, with_hd95: bool = True, device: str = "cpu",
              timeout_s: float = 4 * 3600, reuse_peers: bool = False) -> dict:
     """Run (or, with ``reuse_peers``, reuse a peer's earlier output for the same case) and score."""
     out_dir = work / case.name / method.replace(":", "_")
+    inputs = input_digest(case)
     if reuse_peers and not method.startswith("samir") and (out_dir / "run.json").exists() \
-            and (out_dir / "displacement.nii.gz").exists():
+            and (out_dir / "displacement.nii.gz").exists() and (out_dir / INPUT_DIGEST_FILE).exists() \
+            and (out_dir / INPUT_DIGEST_FILE).read_text() == inputs:
         run = {**json.loads((out_dir / "run.json").read_text()), "method": method, "threads": threads, "reused": True}
     else:
+        (out_dir / INPUT_DIGEST_FILE).unlink(missing_ok=True)
         run = run_method(method, case, out_dir, threads, timeout_s, device)
+        if "error" not in run:
+            (out_dir / INPUT_DIGEST_FILE).write_text(inputs)
     row = {"case": case.name, "method": method, "name": method_name(method), **run}
     if "error" not in run:
         row.update(score(case, out_dir, with_hd95))
