@@ -109,3 +109,75 @@ def test_samir_variants_name_their_preset_and_options():
     assert harness.method_name("samir:balanced+hm") == "SAMIR zero-shot balanced + histogram matching"
     with pytest.raises(ValueError, match="unknown SAMIR variant"):
         harness.samir_variant("samir:fast+typo")
+
+
+def test_acquire_averages_two_mm_blocks_at_their_centres():
+    from samir.geometry import Volume
+    rng = np.random.default_rng(0)
+    direction = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    fine = Volume(rng.random((6, 8, 4)).astype(np.float32), (1.0, 1.0, 1.0), (10.0, -5.0, 3.0), direction)
+    labels = fine.with_array((fine.array > 0.5).astype(np.int32))
+    image, coarse_labels = synthetic.acquire(fine, labels)
+    assert image.shape == (3, 4, 2) and image.spacing == (2.0, 2.0, 2.0)
+    blocks = fine.array.reshape(3, 2, 4, 2, 2, 2).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(image.array, blocks, atol=1e-6)
+    # the first 2 mm voxel's centre is the centre of the first 2x2x2 block: half a millimetre along each axis
+    np.testing.assert_allclose(image.origin, np.array(fine.origin) + direction @ np.array([0.5, 0.5, 0.5]), atol=1e-9)
+    np.testing.assert_allclose(image.direction, direction)
+    # labels take one of the block's own voxels (nearest), on the same grid as the image
+    assert coarse_labels.shape == image.shape and coarse_labels.origin == image.origin
+    for z, y, x in [(0, 0, 0), (2, 3, 1), (1, 2, 0)]:
+        block = labels.array[2 * z:2 * z + 2, 2 * y:2 * y + 2, 2 * x:2 * x + 2]
+        assert coarse_labels.array[z, y, x] in block
+
+
+def test_a_peer_output_is_reused_only_for_byte_identical_inputs(small_case, tmp_path, monkeypatch):
+    import dataclasses
+    import shutil
+    case_dir = tmp_path / "case"
+    case_dir.mkdir()
+    case = dataclasses.replace(small_case, fixed=Path(shutil.copy(small_case.fixed, case_dir)),
+                               moving=Path(shutil.copy(small_case.moving, case_dir)))
+    calls = []
+
+    def fake_run(method, case, out_dir, threads, timeout_s=0, device="cpu", extra_args=()):
+        calls.append(method)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run = {"method": method, "wall_s": 1.0}
+        (out_dir / "run.json").write_text(json.dumps(run))
+        shutil.copy(small_case.true_displacement, out_dir / "displacement.nii.gz")
+        return run
+
+    monkeypatch.setattr(harness, "run_method", fake_run)
+    monkeypatch.setattr(harness, "score", lambda case, out_dir, with_hd95=True: {})
+    work = tmp_path / "work"
+    assert not harness.evaluate("demons", case, work, 1, reuse_peers=True).get("reused")
+    assert len(calls) == 1
+    assert harness.evaluate("demons", case, work, 1, reuse_peers=True)["reused"] and len(calls) == 1
+    assert not harness.evaluate("demons", case, work, 1).get("reused") and len(calls) == 2  # no reuse asked
+    moving = case.moving.read_bytes()
+    case.moving.write_bytes(moving[:-1] + bytes([moving[-1] ^ 1]))  # same name, other content
+    assert not harness.evaluate("demons", case, work, 1, reuse_peers=True).get("reused") and len(calls) == 3
+
+
+def test_synthetic_case_is_consistent_with_its_true_field(tmp_path):
+    """MNI152 at 1 mm warped and block-averaged to 2 mm: the true field carries the moving labels and image
+    back onto the fixed ones (up to nearest-neighbour label sampling and the 2 mm averaging)."""
+    import shutil
+    from samir.geometry import displacement_lps_to_zyx_voxels
+    from samir.io import read_image
+    from samir.spatial import warp
+    case = synthetic.make_case("mni152", 1, tmp_path)
+    fixed, moving = read_image(case.fixed, "fixed"), read_image(case.moving, "moving")
+    assert fixed.spacing == (2.0, 2.0, 2.0) and fixed.shape == moving.shape
+    out = tmp_path / "truth"
+    out.mkdir()
+    shutil.copy(case.true_displacement, out / "displacement.nii.gz")
+    scores, before = harness.score(case, out), harness.initial_scores(case)
+    assert scores["dice"] > 0.95 and before["dice"] < 0.9 and scores["epe_mm"] < 1e-4
+    import SimpleITK as sitk
+    lps = sitk.GetArrayFromImage(sitk.ReadImage(str(case.true_displacement)))  # (z, y, x, 3) LPS mm
+    field = torch.from_numpy(np.ascontiguousarray(displacement_lps_to_zyx_voxels(lps, fixed)))[None].float()
+    back = warp(torch.from_numpy(moving.array)[None, None], field)[0, 0].numpy()
+    brain = fixed.array > 0.1
+    assert np.abs(back - fixed.array)[brain].mean() < 0.4 * np.abs(moving.array - fixed.array)[brain].mean()
