@@ -228,16 +228,16 @@ def evaluate(method: str, case: Case, work: Path, threads: int, with_hd95: bool 
              timeout_s: float = 4 * 3600, reuse_peers: bool = False) -> dict:
     """Run (or, with ``reuse_peers``, reuse a peer's earlier output for the same case) and score."""
     out_dir = work / case.name / method.replace(":", "_")
-    inputs = input_digest(case)
-    if reuse_peers and not method.startswith("samir") and (out_dir / "run.json").exists() \
-            and (out_dir / "displacement.nii.gz").exists() and (out_dir / INPUT_DIGEST_FILE).exists() \
-            and (out_dir / INPUT_DIGEST_FILE).read_text() == inputs:
+    digest_file = out_dir / INPUT_DIGEST_FILE
+    inputs = None if method.startswith("samir") else input_digest(case)  # SAMIR rows are always run
+    if reuse_peers and inputs is not None and (out_dir / "run.json").exists() \
+            and (out_dir / "displacement.nii.gz").exists() and digest_file.exists() and digest_file.read_text() == inputs:
         run = {**json.loads((out_dir / "run.json").read_text()), "method": method, "threads": threads, "reused": True}
     else:
-        (out_dir / INPUT_DIGEST_FILE).unlink(missing_ok=True)
+        digest_file.unlink(missing_ok=True)
         run = run_method(method, case, out_dir, threads, timeout_s, device)
-        if "error" not in run:
-            (out_dir / INPUT_DIGEST_FILE).write_text(inputs)
+        if inputs is not None and "error" not in run:
+            digest_file.write_text(inputs)
     row = {"case": case.name, "method": method, "name": method_name(method), **run}
     if "error" not in run:
         row.update(score(case, out_dir, with_hd95))

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -87,16 +88,19 @@ def load_anatomy(name: str):
     crop = tuple(slice(0, n - n % factor) for n in image.shape)
     array = image.array[crop].astype(np.float32)
     array = np.clip(array / max(float(np.percentile(array, 99.5)), 1e-6), 0, 1)
-    from dataclasses import replace  # cropping from index 0 keeps the origin
+    # cropping from index 0 keeps the origin
     return replace(image, array=array), replace(labels, array=labels.array[crop].astype(np.int32))
 
 
-def acquire(image, labels):
-    """The 2 mm image (2×2×2 block averages of the 1 mm ``image``) and labels (nearest 1 mm voxel)."""
+def acquire(image, labels=None):
+    """The 2 mm image (2×2×2 block averages of the 1 mm ``image``) and, if given, the ``labels`` on its grid
+    (nearest 1 mm voxel; else None)."""
     import SimpleITK as sitk
     from samir.geometry import from_sitk, to_sitk
     factor = int(SPACING_MM)
     shrunk = sitk.BinShrink(to_sitk(image.with_array(image.array.astype(np.float32))), [factor] * 3)
+    if labels is None:
+        return from_sitk(shrunk, image.name), None
     coarse_labels = sitk.Resample(to_sitk(labels.with_array(labels.array.astype(np.int32))), shrunk, sitk.Transform(),
                                   sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
     return from_sitk(shrunk, image.name), from_sitk(coarse_labels, labels.name)
@@ -122,7 +126,7 @@ def make_case(anatomy: str, seed: int, work: Path, gamma: float = 1.0, noise: fl
     w = inverse_field(d)
     w_fine = resize_field(w, fine_image.shape)
     moved_fine = warp(torch.from_numpy(fine_image.array)[None, None], w_fine)[0, 0].numpy()
-    moved = acquire(fine_image.with_array(moved_fine), fine_labels)[0].array
+    moved = acquire(fine_image.with_array(moved_fine))[0].array
     # the labels are the annotation, not an acquisition: the fixed one warped on its own grid, so that the
     # true field carries one onto the other up to nearest-neighbour sampling only
     moved_labels = warp(torch.from_numpy(labels.array)[None, None], w, mode="nearest")[0, 0].numpy()
