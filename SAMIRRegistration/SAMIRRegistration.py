@@ -15,7 +15,7 @@ from typing import Annotated, Callable, Optional
 import qt
 import slicer
 import vtk
-from SAMIRRegistrationLib.engine_runner import DEVICES, ENCODERS, MODES, PRESETS, EngineSettings, RunState
+from SAMIRRegistrationLib.engine_runner import ALIGNMENTS, DEVICES, ENCODERS, MODES, PRESETS, EngineSettings, RunState
 from slicer import vtkMRMLGridTransformNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLSequenceNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -108,6 +108,7 @@ class SAMIRRegistrationParameterNode:
     refineIterations: Annotated[int, WithinRange(0, 1000)] = 0
     encoder: Annotated[str, Choice(list(ENCODERS))] = "litemedsam"
     preset: Annotated[str, Choice(list(PRESETS))] = "balanced"
+    alignment: Annotated[str, Choice(list(ALIGNMENTS))] = "rigid"
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     useFeatures: bool = False
     levels: Annotated[int, WithinRange(0, 8)] = 0
@@ -502,7 +503,8 @@ class SAMIRRegistrationLogic(ScriptedLoadableModuleLogic):
             mode=parameters.mode, network_weights=(networkWeightsPath or None) if networkMode else None,
             refine_iterations=int(parameters.refineIterations) if networkMode else 0,
             encoder=None if networkMode else parameters.encoder, encoder_weights=encoderWeightsPath or None,
-            preset=parameters.preset, device=parameters.device, use_features=bool(parameters.useFeatures),
+            preset=parameters.preset, alignment=parameters.alignment, device=parameters.device,
+            use_features=bool(parameters.useFeatures),
             use_feature_cache=bool(parameters.useFeatureCache),
             encoder_input_size=int(parameters.encoderInputSize) or None, levels=int(parameters.levels) or None,
             iterations=self.parseIterations(parameters.iterations),

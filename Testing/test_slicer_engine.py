@@ -72,6 +72,8 @@ def test_names_the_bridge_offers_are_the_engines():
     assert engine_runner.ENCODERS == tuple(ENCODERS)
     assert engine_runner.MODES == tuple(MODES)
     assert engine_runner.NORMALIZATIONS == tuple(NORMALIZATIONS)
+    from samir.affine import ALIGNMENT_MODES
+    assert engine_runner.ALIGNMENTS == tuple(ALIGNMENT_MODES)
     from samir.weights import REGISTRY
     assert set(REGISTRY) | set(weights.BUNDLED_ENCODERS) == set(ENCODERS)
     from samir.cli import STAGES
@@ -112,8 +114,8 @@ def script(tmp_path, name: str, body: str) -> Path:
 def test_process_progress_is_parsed_and_monotonic_and_errors_are_named(tmp_path):
     fake = script(tmp_path, "fake_engine.py", """
         import json, sys
-        for stage, fraction in [("resample", 0.0), ("resample", 1.0), ("optimise", 0.5), ("write outputs", 0.0),
-                                ("optimise", 0.2), ("write outputs", 1.0)]:
+        for stage, fraction in [("align", 0.0), ("align", 1.0), ("resample", 0.0), ("resample", 1.0), ("optimise", 0.5),
+                                ("write outputs", 0.0), ("optimise", 0.2), ("write outputs", 1.0)]:
             print(json.dumps({"stage": stage, "fraction": fraction, "elapsed_s": 0.1}), flush=True)
         print("a plain log line", flush=True)
         print("samir: error: fixed and moving images do not overlap", file=sys.stderr, flush=True)
@@ -243,7 +245,8 @@ def test_engine_side_error_is_reported_and_the_scene_is_unchanged(scene, engine_
     before = node_ids(scene)
     transform_before = output.GetTransformFromParent()
     modified_before = transform_before.GetMTime()
-    task = PairRegistrationTask(fixed, far, output_transform=output, settings=EngineSettings(**QUICK),
+    # without the pre-alignment (which would find it from the centres: test_affine.py) such a pair is refused
+    task = PairRegistrationTask(fixed, far, output_transform=output, settings=EngineSettings(**QUICK, alignment="none"),
                                 engine_run_factory=engine_runs)
     task.start()
     assert task.wait(timeout_s=120) == RunState.FAILED
@@ -324,7 +327,7 @@ def test_engine_command_line_carries_every_setting(tmp_path):
     from samir.cli import build_parser, options_from_args
     zeroshot = EngineSettings(encoder="sam_vit_b", encoder_weights=str(checkpoint), preset="accurate", device="cuda:0",
                               use_features=True, use_feature_cache=False, encoder_input_size=512, levels=4,
-                              iterations=(10, 20), smoothness=0.5, seed=3, normalization="ct")
+                              iterations=(10, 20), smoothness=0.5, seed=3, normalization="ct", alignment="affine")
     zeroshot.validate()
     command = engine_runner.engine_command("python", Path("f.nrrd"), Path("m.nrrd"), Path("out"), zeroshot)
     args = build_parser().parse_args(command[3:])
@@ -332,21 +335,21 @@ def test_engine_command_line_carries_every_setting(tmp_path):
     options = options_from_args(args)
     assert (options.mode, options.encoder, options.weights, options.preset, options.device) == (
         "zeroshot", "sam_vit_b", str(checkpoint), "accurate", "cuda:0")
-    assert (options.use_features, options.use_cache, options.input_size, options.seed, options.normalization) == (
-        True, False, 512, 3, "ct")
+    assert (options.use_features, options.use_cache, options.input_size, options.seed, options.normalization,
+            options.alignment) == (True, False, 512, 3, "ct", "affine")
     assert options.optimizer == {"levels": 4, "finest_level": None, "iterations": (10, 20), "smoothness": 0.5,
                                  "feature_weight": None, "joint_intensity_map": None}
-    assert zeroshot.stages() == ["resample", "load encoder", "encode fixed", "encode moving", "optimise",
+    assert zeroshot.stages() == ["align", "resample", "load encoder", "encode fixed", "encode moving", "optimise",
                                  "write outputs"]
     trained = EngineSettings(mode="network", network_weights=str(network), refine_iterations=5)
     trained.validate()
     options = options_from_args(build_parser().parse_args(
         engine_runner.engine_command("python", Path("f"), Path("m"), Path("o"), trained)[3:]))
-    assert (options.mode, options.network, options.refine_iterations, options.encoder) == (
-        "network", str(network), 5, None)
+    assert (options.mode, options.network, options.refine_iterations, options.encoder, options.alignment) == (
+        "network", str(network), 5, None, "rigid")
     assert trained.stages()[-3:] == ["network", "optimise", "write outputs"]
     spans = trained.stage_spans()
-    assert spans["resample"][0] == 0.0 and abs(spans["write outputs"][1] - 1.0) < 1e-12
+    assert spans["align"][0] == 0.0 and abs(spans["write outputs"][1] - 1.0) < 1e-12
     for bad, message in [(dict(device="gpu"), "unknown device"), (dict(iterations=(0,)), "positive"),
                          (dict(encoder_input_size=100), "multiple of 16"),
                          (dict(encoder_weights="/nope.pth"), "does not exist"),

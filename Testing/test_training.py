@@ -94,10 +94,11 @@ def test_checkpoint_is_a_samir_checkpoint_and_matches_the_training_forward_pass(
     assert training_path.abs().max() > 0.05
     assert torch.allclose(training_path, inference_path, atol=2e-3)
 
-    # and samir register --mode network uses it (stand-in encoder through the Python API)
+    # and samir register --mode network uses it (stand-in encoder through the Python API; no pre-alignment,
+    # so that both paths see the same input pair)
     fixed, moving = pair.fixed.grid, pair.moving.grid.with_array(pair.moving.image)
     registered = register(fixed, moving, RegistrationOptions(mode="network", network=str(result.best_model),
-                                                             device="cpu", use_cache=False),
+                                                             device="cpu", use_cache=False, alignment="none"),
                           encoder=TinyStandInEncoder())
     assert registered.info["mode"] == "network" and registered.displacement.abs().max() > 0.05
     # same field up to register() re-normalising the (cropped) images with their own min-max

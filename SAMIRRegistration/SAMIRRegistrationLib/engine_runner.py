@@ -36,16 +36,18 @@ from samir.geometry import SAMIRInputError, Volume, from_sitk, to_sitk
 
 LogCallback = Callable[[str], None]
 
-# Names the engine accepts (samir.register.PRESETS / MODES, samir.encoders.ENCODERS, samir.intensity.NORMALIZATIONS;
+# Names the engine accepts (samir.register.PRESETS / MODES, samir.encoders.ENCODERS, samir.intensity.NORMALIZATIONS,
+# samir.affine.ALIGNMENT_MODES;
 # importing those modules would import torch, so they are repeated here and a test checks that they agree).
 PRESETS = ("fast", "balanced", "accurate")
 MODES = ("zeroshot", "network")
 ENCODERS = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
 NORMALIZATIONS = ("auto", "mr", "ct")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+ALIGNMENTS = ("affine", "rigid", "none")
 
 # Relative cost of each engine stage, for one percentage bar over the stages a run goes through.
-STAGE_WEIGHTS = {"resample": 2.0, "load encoder": 3.0, "encode fixed": 10.0, "encode moving": 10.0, "network": 8.0,
+STAGE_WEIGHTS = {"align": 4.0, "resample": 2.0, "load encoder": 3.0, "encode fixed": 10.0, "encode moving": 10.0, "network": 8.0,
                  "optimise": 60.0, "write outputs": 5.0}
 
 
@@ -70,6 +72,7 @@ class EngineSettings:
     encoder: Optional[str] = None  # None: litemedsam (zero-shot) or the network's own encoder
     encoder_weights: Optional[str] = None  # local encoder checkpoint (offline use; else the engine's weights folder)
     preset: str = "balanced"
+    alignment: str = "rigid"  # rigid / affine pre-alignment before the deformable stage, or "none"
     device: str = "auto"
     normalization: str = "auto"
     use_features: bool = False  # zero-shot: encoder-feature guidance of the coarse levels
@@ -101,6 +104,8 @@ class EngineSettings:
             raise SAMIRInputError(f"encoder weights file '{self.encoder_weights}' does not exist")
         if self.preset not in PRESETS:
             raise SAMIRInputError(f"unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}")
+        if self.alignment not in ALIGNMENTS:
+            raise SAMIRInputError(f"unknown alignment '{self.alignment}'; choose one of {', '.join(ALIGNMENTS)}")
         if self.device.split(":")[0] not in DEVICES:
             raise SAMIRInputError(f"unknown device '{self.device}'; use auto, cpu, cuda, cuda:N or mps")
         if self.normalization not in NORMALIZATIONS:
@@ -120,7 +125,7 @@ class EngineSettings:
         return self.mode == "network" or self.use_features
 
     def cli_arguments(self) -> List[str]:
-        args = ["--mode", self.mode, "--preset", self.preset, "--device", self.device,
+        args = ["--mode", self.mode, "--preset", self.preset, "--alignment", self.alignment, "--device", self.device,
                 "--normalization", self.normalization, "--seed", str(int(self.seed))]
         if self.mode == "network":
             args += ["--network", str(self.network_weights)]
@@ -150,7 +155,7 @@ class EngineSettings:
         return RegistrationOptions(
             mode=self.mode, network=self.network_weights, refine_iterations=self.refine_iterations,
             encoder=self.encoder, weights=self.encoder_weights, input_size=self.encoder_input_size,
-            preset=self.preset, device=self.device, normalization=self.normalization,
+            preset=self.preset, alignment=self.alignment, device=self.device, normalization=self.normalization,
             use_features=self.use_features and self.mode == "zeroshot", use_cache=self.use_feature_cache,
             seed=self.seed,
             optimizer={"levels": self.levels, "iterations": tuple(self.iterations) if self.iterations else None,
@@ -158,7 +163,8 @@ class EngineSettings:
 
     def stages(self) -> List[str]:
         """The engine stages a run with these settings reports, in order."""
-        stages = ["resample"]
+        stages = ["align"] if self.alignment != "none" else []
+        stages.append("resample")
         if self.uses_encoder:
             stages += ["load encoder", "encode fixed", "encode moving"]
         if self.mode == "network":

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from .affine import ALIGNMENT_MODES
 from .encoders import ENCODERS
 from .geometry import SAMIRInputError
 from .intensity import NORMALIZATIONS
 from .register import PRESETS, RegistrationOptions, stage_times
 
-STAGES = ("resample", "load encoder", "encode fixed", "encode moving", "optimise", "write outputs")
+STAGES = ("align", "resample", "load encoder", "encode fixed", "encode moving", "optimise", "write outputs")
 
 
 class StageProgress:
@@ -67,6 +68,11 @@ def add_registration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--similarity", default="auto", choices=("auto", "ncc", "mind"),
                         help="image similarity: ncc (local NCC, same contrast), mind (MIND-SSC, any contrast, e.g. T1 vs"
                              " T2) or auto (default: ncc unless fixed and moving intensities are anti-correlated)")
+    parser.add_argument("--alignment", default="rigid", choices=ALIGNMENT_MODES,
+                        help="pre-alignment in physical space before the deformable stage, kept only where it improves"
+                             " the similarity: rigid (default: rotation and translation, e.g. two sessions, or origins"
+                             " that disagree), affine (adds scaling and shear, e.g. subjects of different size) or none"
+                             " (the images are aligned by their geometry)")
     parser.add_argument("--histogram-matching", action="store_true",
                         help="zero-shot with ncc: map the moving intensities onto the fixed image's histogram first"
                              " (for a non-linear intensity change between same-contrast scans, e.g. another scanner"
@@ -106,7 +112,7 @@ def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
     return RegistrationOptions(
         mode=args.mode, network=network, refine_iterations=args.refine,
         encoder=args.encoder, weights=encoder_weights, input_size=args.input_size, preset=args.preset,
-        similarity=args.similarity, histogram_matching=args.histogram_matching,
+        similarity=args.similarity, histogram_matching=args.histogram_matching, alignment=args.alignment,
         device=args.device, normalization=args.normalization, slicing_axis=args.slicing_axis,
         slice_stride=args.slice_stride, use_features=args.features, seed=args.seed, use_cache=not args.no_cache,
         optimizer={"levels": args.levels, "finest_level": args.finest_level, "iterations": args.iterations,

@@ -22,6 +22,7 @@ from .encoders import ENCODERS, SliceEncoder, build_encoder
 from .feature_cache import FeatureCache
 from .features import (auto_slice_stride, choose_slicing_axis, default_encoder_batch_size, encode_volume,
                        fit_channel_reduction, reduce_channels, remove_frame_component)
+from .affine import ALIGNMENT_MODES, align_affine, compose_with_affine, identity_alignment
 from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps, from_sitk, to_sitk
 from .intensity import intensity_rank_correlation, match_histogram, normalize_intensity, resolve_normalization
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
@@ -60,6 +61,9 @@ class RegistrationOptions:
     # zero-shot with NCC: moving intensities mapped onto the fixed histogram first. Off by default: where
     # structures change size (cardiac phases, growth) the map reshapes soft edges and mimics the deformation.
     histogram_matching: bool = False
+    # pre-alignment in physical space (affine.py): rigid by default, since a scaling fitted on a pair whose
+    # structures change size (cardiac phases) would scale the whole body; "affine" for another subject's size
+    alignment: str = "rigid"
     device: str = "auto"
     normalization: str = "auto"
     slicing_axis: Optional[int] = None  # in the fixed array's (z, y, x) axes
@@ -88,6 +92,8 @@ class RegistrationOptions:
             raise SAMIRInputError(f"unknown mode '{self.mode}'; choose one of {', '.join(MODES)}")
         if self.encoder is not None and self.encoder not in ENCODERS:
             raise SAMIRInputError(f"unknown encoder '{self.encoder}'; choose one of {', '.join(ENCODERS)}")
+        if self.alignment not in ALIGNMENT_MODES:
+            raise SAMIRInputError(f"unknown alignment '{self.alignment}'; choose one of {', '.join(ALIGNMENT_MODES)}")
         if self.similarity not in SIMILARITIES:
             raise SAMIRInputError(f"unknown similarity '{self.similarity}'; choose one of {', '.join(SIMILARITIES)}")
         if self.slicing_axis not in (None, 0, 1, 2):
@@ -126,20 +132,31 @@ class RegistrationResult:
         return 100.0 * folding_fraction(torch.from_numpy(self.jacobian))
 
 
-def resample_into(moving: Volume, reference: Volume, labels: bool = False) -> Volume:
-    """Resample ``moving`` onto ``reference``'s grid through the identity in physical space."""
-    if moving.same_grid(reference):
+def resample_into(moving: Volume, reference: Volume, labels: bool = False,
+                  affine_lps: Optional[np.ndarray] = None, cubic: bool = False) -> Volume:
+    """Resample ``moving`` onto ``reference``'s grid through ``affine_lps`` (4x4, reference world point ->
+    moving world point; None: the identity) in physical space: nearest neighbour for ``labels``, else
+    trilinear, or with ``cubic`` a cubic B-spline clipped to the input's range."""
+    identity = affine_lps is None or np.allclose(affine_lps, np.eye(4))
+    if identity and moving.same_grid(reference):
         return replace(moving, array=moving.array)
-    interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
-    out = sitk.Resample(to_sitk(moving), to_sitk(reference.with_array(np.zeros(reference.shape, np.uint8))),
-                        sitk.Transform(), interp, 0.0)
-    return from_sitk(out, moving.name)
+    transform = sitk.Transform()
+    if not identity:
+        transform = sitk.AffineTransform(3)
+        transform.SetMatrix(tuple(np.asarray(affine_lps, dtype=np.float64)[:3, :3].ravel()))
+        transform.SetTranslation(tuple(np.asarray(affine_lps, dtype=np.float64)[:3, 3]))
+    interp = sitk.sitkNearestNeighbor if labels else (sitk.sitkBSpline if cubic else sitk.sitkLinear)
+    out = from_sitk(sitk.Resample(to_sitk(moving), to_sitk(reference.with_array(np.zeros(reference.shape, np.uint8))),
+                                  transform, interp, 0.0), moving.name)
+    if cubic and not labels:
+        out.array = np.clip(out.array, min(float(moving.array.min()), 0.0), float(moving.array.max()))
+    return out
 
 
-def coverage_of(moving: Volume, reference: Volume) -> np.ndarray:
-    """1 where a reference voxel lies inside the moving image's field of view."""
+def coverage_of(moving: Volume, reference: Volume, affine_lps: Optional[np.ndarray] = None) -> np.ndarray:
+    """1 where a reference voxel (mapped through ``affine_lps``) lies inside the moving image's field of view."""
     ones = moving.with_array(np.ones(moving.shape, dtype=np.uint8))
-    return resample_into(ones, reference, labels=True).array.astype(np.float32)
+    return resample_into(ones, reference, labels=True, affine_lps=affine_lps).array.astype(np.float32)
 
 
 def peak_memory_mb(device: Optional[torch.device] = None) -> Dict[str, float]:
@@ -216,16 +233,30 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
             model is None or options.refine_iterations) else 0)
     check_host_memory(estimate, fixed.shape)  # before any full-size copy is made
     t0 = time.perf_counter()
+    norm = resolve_normalization(fixed.array, normalization)
+    fixed01 = normalize_intensity(fixed.array, norm)
+    alignment = identity_alignment(options.alignment)
+    if options.alignment != "none":
+        report("align", 0.0)
+        alignment = align_affine(
+            fixed.with_array(fixed01), moving.with_array(normalize_intensity(moving.array, norm)), options.alignment,
+            None if fixed_mask is None else fixed.with_array(
+                (resample_into(fixed_mask, fixed, labels=True).array > 0).astype(np.float32)),
+            None if moving_mask is None else resample_into(moving_mask, moving, labels=True),
+            progress=lambda f: report("align", f))
+        timings["align_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
     report("resample", 0.0)
-    coverage = coverage_of(moving, fixed)
+    coverage = coverage_of(moving, fixed, alignment.matrix)
     overlap = float(coverage.mean())
     if overlap < MIN_OVERLAP:
         raise SAMIRInputError(
             f"fixed and moving images do not overlap in physical space: only {100 * overlap:.1f}% of the fixed"
-            " image lies inside the moving image (check origins and orientations, or align them first)")
-    moving_on_fixed = resample_into(moving, fixed)
-    norm = resolve_normalization(fixed.array, normalization)
-    fixed01 = normalize_intensity(fixed.array, norm)
+            " image lies inside the moving image" + (" after the affine alignment" if alignment.used else "")
+            + " (check origins and orientations, or align them first)")
+    # cubic: linear interpolation blurs by an amount that varies with the sub-voxel offset, which NCC then
+    # rewards (measured on a synthetic pair after an affine resampling: Dice 0.954 linear, 0.957 cubic)
+    moving_on_fixed = resample_into(moving, fixed, affine_lps=alignment.matrix, cubic=True)
     moving01 = normalize_intensity(moving_on_fixed.array, norm, mask=coverage)
     rank_correlation = intensity_rank_correlation(fixed01, moving01, coverage, seed=options.seed)
     similarity = options.similarity
@@ -262,7 +293,7 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     fixed_mask_np = None if fixed_mask is None else resample_into(fixed_mask, fixed, labels=True).array > 0
     moving_valid = coverage
     if moving_mask is not None:
-        moving_valid = coverage * (resample_into(moving_mask, fixed, labels=True).array > 0)
+        moving_valid = coverage * (resample_into(moving_mask, fixed, labels=True, affine_lps=alignment.matrix).array > 0)
     guide = model is None and fixed_features is not None
     if guide:
         fixed_features, moving_features = reduce_pair(fixed_features, moving_features, options)
@@ -302,6 +333,8 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     u, levels = run_with_oom_fallback(compute_field, device, 1, "registration", notes)
     device = used_device[0]
     u = u.detach().float().cpu()
+    if alignment.used:
+        u = compose_with_affine(u, alignment.matrix, fixed)
     jac = jacobian_determinant(u)[0].numpy()
     info = {
         "mode": options.mode, "encoder": encoder.describe() if encoder is not None else None,
@@ -309,6 +342,7 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
         "device": str(device), "preset": options.preset, "normalization": norm, "slicing_axis_zyx": axis,
         "slice_stride": stride, "overlap_fraction": overlap, "similarity": similarity,
         "intensity_rank_correlation": rank_correlation, "histogram_matching": histogram_matched,
+        "alignment": alignment.describe(),
         "optimizer": settings.to_dict(),
         "feature_cache": cache.report() if cache is not None else ({"enabled": False} if stride is not None else None),
         "levels": [asdict(level) for level in levels], "notes": notes, "estimated_peak_host_mb": estimate,
