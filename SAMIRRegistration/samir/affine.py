@@ -51,14 +51,8 @@ class AffineAlignment:
     reason: str = ""
     iterations: List[int] = field(default_factory=list)
 
-    @property
-    def translation_mm(self) -> np.ndarray:
-        return self.matrix[:3, 3]
-
     def describe(self) -> dict:
-        linear = self.matrix[:3, :3]
-        singular = np.linalg.svd(linear, compute_uv=False)
-        u, _, vt = np.linalg.svd(linear)
+        u, singular, vt = np.linalg.svd(self.matrix[:3, :3])
         rotation = u @ vt
         angle = math.degrees(math.acos(float(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))))
         return {"mode": self.mode, "used": self.used, "start": self.start, "reason": self.reason,
@@ -67,8 +61,8 @@ class AffineAlignment:
                 "loss_aligned": round(self.loss_aligned, 5), "iterations": self.iterations}
 
 
-def identity_alignment(mode: str = "none", reason: str = "") -> AffineAlignment:
-    return AffineAlignment(np.eye(4), False, mode, reason=reason)
+def identity_alignment(mode: str = "none") -> AffineAlignment:
+    return AffineAlignment(np.eye(4), False, mode)
 
 
 def alignment_grid(volume: Volume, voxels: int) -> Volume:
@@ -90,14 +84,14 @@ def alignment_grid(volume: Volume, voxels: int) -> Volume:
                   direction=volume.direction, name=volume.name)
 
 
-def resample_smoothed(volume: Volume, grid: Volume, linear: bool = True) -> Volume:
+def resample_smoothed(volume: Volume, grid: Volume) -> Volume:
     """``volume`` on ``grid`` (same physical space) after a Gaussian matched to the coarser spacing."""
     image = to_sitk(volume.with_array(volume.array.astype(np.float32)))
     sigma = [0.5 * math.sqrt(max(t * t - s * s, 0.0)) for t, s in zip(grid.spacing, volume.spacing)]
     if max(sigma) > 0:
         image = sitk.SmoothingRecursiveGaussian(image, [max(s, 1e-3) for s in sigma])
     reference = to_sitk(grid.with_array(np.zeros(grid.shape, np.uint8)))
-    out = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear if linear else sitk.sitkNearestNeighbor, 0.0)
+    out = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
     return grid.with_array(sitk.GetArrayFromImage(out).astype(np.float32))
 
 
@@ -149,8 +143,8 @@ class _Level:
         if self.weight is not None:
             mask = mask * self.weight
         covered = float(mask.sum())
-        if covered < 0.05 * self.reference_count:  # hardly any overlap: no information, worst loss
-            return warped.sum() * 0.0 + 1.0
+        if covered < 0.05 * self.reference_count:  # hardly any overlap: no information, worst loss, no gradient
+            return torch.ones((), dtype=warped.dtype, device=warped.device)
         # the mean over the fixed region, not over the covered part: a map that shrinks the overlap (to drop
         # blank or mismatched borders) must not gain by it
         return 1.0 - (1.0 - self.ncc(warped, mask)) * covered / self.reference_count

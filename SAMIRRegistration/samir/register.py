@@ -235,15 +235,15 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     t0 = time.perf_counter()
     norm = resolve_normalization(fixed.array, normalization)
     fixed01 = normalize_intensity(fixed.array, norm)
+    fixed_mask_np = None if fixed_mask is None else resample_into(fixed_mask, fixed, labels=True).array > 0
     alignment = identity_alignment(options.alignment)
     if options.alignment != "none":
         report("align", 0.0)
         alignment = align_affine(
             fixed.with_array(fixed01), moving.with_array(normalize_intensity(moving.array, norm)), options.alignment,
-            None if fixed_mask is None else fixed.with_array(
-                (resample_into(fixed_mask, fixed, labels=True).array > 0).astype(np.float32)),
+            None if fixed_mask_np is None else fixed.with_array(fixed_mask_np.astype(np.float32)),
             None if moving_mask is None else resample_into(moving_mask, moving, labels=True),
-            progress=lambda f: report("align", f))
+            progress=lambda f: report("align", f))  # on the CPU: small grids, float64 maps (no float64 on MPS)
         timings["align_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
     report("resample", 0.0)
@@ -290,7 +290,6 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
                                                       notes=notes)
         timings["encoder_s"] = time.perf_counter() - t0
 
-    fixed_mask_np = None if fixed_mask is None else resample_into(fixed_mask, fixed, labels=True).array > 0
     moving_valid = coverage
     if moving_mask is not None:
         moving_valid = coverage * (resample_into(moving_mask, fixed, labels=True, affine_lps=alignment.matrix).array > 0)
