@@ -17,6 +17,7 @@ into place only when all of them succeeded.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -52,6 +53,17 @@ def output_files(transform_format: str = "h5") -> Dict[str, str]:
     if transform_format not in TRANSFORM_FORMATS:
         raise SAMIRInputError(f"unknown transform format '{transform_format}'; choose one of {', '.join(TRANSFORM_FORMATS)}")
     return {**OUTPUT_FILES, "transform": f"transform.{transform_format}"}
+
+
+def strict_json(value):
+    """``value`` with every NaN or infinity replaced by None (JSON has no NaN; strict readers reject it)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
+        return None
+    return value
 
 
 def write_outputs(stage: Path, result: RegistrationResult, moving: Volume, moving_seg: Optional[Volume],
@@ -116,6 +128,6 @@ def run_registration(fixed_path: PathLike, moving_path: PathLike, out_dir: PathL
         }
         summary["timings_s"]["total"] = time.perf_counter() - start
         summary.update(peak_memory_mb(torch.device(result.info["device"])))
-        (stage / files["summary"]).write_text(json.dumps(summary, indent=2))
+        (stage / files["summary"]).write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     report("write outputs", 1.0)
     return summary

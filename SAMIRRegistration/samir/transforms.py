@@ -6,6 +6,8 @@ array (one interpolation), whatever its grid.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -60,38 +62,59 @@ def warp_volume(moving: Volume, fixed: Volume, displacement_lps: np.ndarray, def
 def warp_labels(labels: Volume, fixed: Volume, displacement_lps: np.ndarray, device: str = "cpu") -> Volume:
     """Propagate a label map: per-label linear interpolation + argmax, no label allowed to vanish.
 
-    A label present in the input that wins no voxel (a structure thinner than the interpolation can
-    keep) is given the voxel where its interpolated membership is highest.
+    A fixed voxel takes the label with the largest trilinear membership (the sum of the weights of
+    the eight neighbouring moving voxels carrying it); ties go to the background, then to the
+    smaller label. Voxels mapped outside the moving image are background. A label present in the
+    input that wins no voxel (a structure thinner than the interpolation can keep) is given the
+    voxel where its interpolated membership is highest.
     """
-    values = [int(v) for v in np.unique(labels.array) if v != 0]
+    values = np.array([0] + [int(v) for v in np.unique(labels.array) if v != 0], dtype=np.int64)
+    source_rank = torch.from_numpy(np.searchsorted(values, labels.array).astype(np.int32).ravel()).to(device)
     slabs = list(_moving_index_slabs(fixed, labels, displacement_lps, device))
-    best_prob = np.zeros(fixed.shape, dtype=np.float32)
-    best_label = np.zeros(fixed.shape, dtype=np.int32)
-    peak = {}
-    source_all = torch.from_numpy(np.ascontiguousarray(labels.array))
-    for value in [0] + values:
-        source = (source_all == value).float()[None, None].to(device)
-        label_peak = (-1.0, None)
+    best_rank = np.zeros(fixed.shape, dtype=np.int64)
+    sizes = torch.tensor(labels.shape[::-1], device=device)
+    strides = (labels.shape[1] * labels.shape[2], labels.shape[2], 1)
+    for zs, index in slabs:
+        base = torch.floor(index)
+        frac = index - base
+        base = base.long()
+        corner_rank, corner_weight = [], []
+        for dx, dy, dz in itertools.product((0, 1), repeat=3):
+            corner = base + torch.tensor([dx, dy, dz], device=device)
+            valid = ((corner >= 0) & (corner < sizes)).all(-1)
+            flat = (corner[..., 2] * strides[0] + corner[..., 1] * strides[1] + corner[..., 0]).clamp(0, source_rank.numel() - 1)
+            weight = ((frac[..., 0] if dx else 1 - frac[..., 0]) * (frac[..., 1] if dy else 1 - frac[..., 1])
+                      * (frac[..., 2] if dz else 1 - frac[..., 2]))
+            corner_rank.append(torch.where(valid, source_rank[flat], 0))
+            corner_weight.append(torch.where(valid, weight, torch.zeros_like(weight)))
+        score = [w.clone() for w in corner_weight]
+        for a, b in itertools.combinations(range(8), 2):
+            same = corner_rank[a] == corner_rank[b]
+            score[a] += torch.where(same, corner_weight[b], 0.0)
+            score[b] += torch.where(same, corner_weight[a], 0.0)
+        best_score = torch.zeros_like(score[0])
+        best = torch.zeros_like(corner_rank[0])
+        for s, r in zip(score, corner_rank):
+            better = (s > best_score) | ((s == best_score) & (r < best))
+            best_score = torch.where(better, s, best_score)
+            best = torch.where(better, r, best)
+        best = torch.where(_inside(index, labels.shape), best, 0)
+        best_rank[zs] = best.cpu().numpy()
+    missing = sorted(set(range(1, len(values))) - set(np.unique(best_rank).tolist()))
+    for rank in missing:
+        source = torch.from_numpy(np.ascontiguousarray(labels.array == values[rank], dtype=np.float32))[None, None].to(device)
+        label_peak = (0.0, None)
         for zs, index in slabs:
             prob = F.grid_sample(source, _normalized(index, labels.shape)[None], mode="bilinear",
                                  padding_mode="zeros", align_corners=True)[0, 0]
-            if value == 0:
-                prob = torch.where(_inside(index, labels.shape), prob, torch.ones_like(prob))
-            prob = prob.cpu().numpy()
-            better = prob > best_prob[zs]
-            best_prob[zs][better] = prob[better]
-            best_label[zs][better] = value
-            flat = int(np.argmax(prob))
-            if prob.flat[flat] > label_peak[0]:
-                local = np.unravel_index(flat, prob.shape)
-                label_peak = (float(prob.flat[flat]), (zs.start + int(local[0]), int(local[1]), int(local[2])))
-        peak[value] = label_peak
-    present = set(np.unique(best_label).tolist())
-    for value in values:
-        prob_max, where = peak[value]
-        if value not in present and where is not None and prob_max > 0:
-            best_label[where] = value
-    return fixed.with_array(best_label.astype(labels.array.dtype, copy=False), name=f"{labels.name} warped")
+            prob = torch.where(_inside(index, labels.shape), prob, torch.zeros_like(prob))
+            flat = int(torch.argmax(prob))
+            if float(prob.flatten()[flat]) > label_peak[0]:
+                local = np.unravel_index(flat, tuple(prob.shape))
+                label_peak = (float(prob.flatten()[flat]), (zs.start + int(local[0]), int(local[1]), int(local[2])))
+        if label_peak[1] is not None:
+            best_rank[label_peak[1]] = rank
+    return fixed.with_array(values[best_rank].astype(labels.array.dtype, copy=False), name=f"{labels.name} warped")
 
 
 def displacement_image(displacement_lps: np.ndarray, fixed: Volume) -> sitk.Image:
