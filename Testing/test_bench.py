@@ -107,6 +107,9 @@ def test_samir_variants_name_their_preset_and_options():
     assert harness.samir_variant("samir:fast") == ("fast", [])
     assert harness.samir_variant("samir:balanced+hm") == ("balanced", ["--histogram-matching"])
     assert harness.method_name("samir:balanced+hm") == "SAMIR zero-shot balanced + histogram matching"
+    assert harness.samir_variant("samir:balanced+align-none+hm") == (
+        "balanced", ["--alignment", "none", "--histogram-matching"])
+    assert harness.method_name("samir:accurate+align-affine") == "SAMIR zero-shot accurate + affine pre-alignment"
     with pytest.raises(ValueError, match="unknown SAMIR variant"):
         harness.samir_variant("samir:fast+typo")
 
@@ -181,3 +184,26 @@ def test_synthetic_case_is_consistent_with_its_true_field(tmp_path):
     back = warp(torch.from_numpy(moving.array)[None, None], field)[0, 0].numpy()
     brain = fixed.array > 0.1
     assert np.abs(back - fixed.array)[brain].mean() < 0.4 * np.abs(moving.array - fixed.array)[brain].mean()
+
+
+def test_moved_case_keeps_the_voxels_and_its_true_field_follows_the_move(small_case, tmp_path):
+    """The alignment suite moves the moving scan by its header only; the true field composed with the move
+    still carries the moved labels onto the fixed ones exactly as the unmoved field did."""
+    import shutil
+    import alignment
+    from samir.io import read_image
+    moved = alignment.make_moved_case(small_case, 20.0, tmp_path)
+    before, after = read_image(small_case.moving, "m"), read_image(moved.moving, "m")
+    assert np.array_equal(before.array, after.array)
+    assert np.linalg.norm(np.array(after.origin) - np.array(before.origin)) > 10
+    rotation = after.direction @ before.direction.T
+    assert np.degrees(np.arccos((np.trace(rotation) - 1) / 2)) > 20
+    scores = {}
+    for name, case in (("unmoved", small_case), ("moved", moved)):
+        out = tmp_path / name
+        out.mkdir()
+        shutil.copy(case.true_displacement, out / "displacement.nii.gz")
+        scores[name] = harness.score(case, out, with_hd95=False)
+    assert scores["moved"]["epe_mm"] < 1e-3
+    assert abs(scores["moved"]["dice"] - scores["unmoved"]["dice"]) < 0.01 and scores["moved"]["dice"] > 0.8
+    assert harness.initial_scores(moved)["dice"] < scores["moved"]["dice"] - 0.3

@@ -36,19 +36,33 @@ METHOD_NAMES = {
 }
 
 
-def samir_variant(method: str):
-    """``samir:PRESET`` or ``samir:PRESET+hm`` (histogram matching): the preset and the extra arguments."""
+SAMIR_OPTIONS = {"hm": ["--histogram-matching"], "align-none": ["--alignment", "none"],
+                 "align-rigid": ["--alignment", "rigid"], "align-affine": ["--alignment", "affine"]}
+SAMIR_OPTION_NAMES = {"hm": "histogram matching", "align-none": "no pre-alignment",
+                      "align-rigid": "rigid pre-alignment", "align-affine": "affine pre-alignment"}
+
+
+def samir_options(method: str) -> List[str]:
+    """The ``+OPTION`` suffixes of ``samir:PRESET+OPTION+...`` (see ``SAMIR_OPTIONS``)."""
     spec = method.split(":", 1)[1] if ":" in method else "balanced"
-    preset, _, option = spec.partition("+")
-    if option not in ("", "hm"):
-        raise ValueError(f"unknown SAMIR variant {method!r}: samir:PRESET or samir:PRESET+hm")
-    return preset, (["--histogram-matching"] if option == "hm" else [])
+    options = spec.split("+")[1:]
+    unknown = [o for o in options if o not in SAMIR_OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown SAMIR variant {method!r}: samir:PRESET[+OPTION...], OPTION one of "
+                         f"{', '.join(SAMIR_OPTIONS)}")
+    return options
+
+
+def samir_variant(method: str):
+    """``samir:PRESET[+OPTION...]`` (e.g. ``samir:balanced+hm``): the preset and the extra command-line arguments."""
+    spec = method.split(":", 1)[1] if ":" in method else "balanced"
+    return spec.split("+")[0], [arg for option in samir_options(method) for arg in SAMIR_OPTIONS[option]]
 
 
 def method_name(method: str) -> str:
     if method.startswith("samir"):
-        preset, extra = samir_variant(method)
-        return f"SAMIR zero-shot {preset}" + (" + histogram matching" if extra else "")
+        preset, _ = samir_variant(method)
+        return " + ".join([f"SAMIR zero-shot {preset}"] + [SAMIR_OPTION_NAMES[o] for o in samir_options(method)])
     return METHOD_NAMES.get(method, method)
 
 
