@@ -156,7 +156,11 @@ def test_a_peer_output_is_reused_only_for_byte_identical_inputs(small_case, tmp_
     work = tmp_path / "work"
     assert not harness.evaluate("demons", case, work, 1, reuse_peers=True).get("reused")
     assert len(calls) == 1
-    assert harness.evaluate("demons", case, work, 1, reuse_peers=True)["reused"] and len(calls) == 1
+    reused = harness.evaluate("demons", case, work, 1, reuse_peers=True)
+    assert reused["reused"] and len(calls) == 1
+    import time
+    note = harness.reused_note([reused])
+    assert reused["name"].endswith(" *") and time.strftime("%Y-%m-%d") in note[0]
     assert not harness.evaluate("demons", case, work, 1).get("reused") and len(calls) == 2  # no reuse asked
     moving = case.moving.read_bytes()
     case.moving.write_bytes(moving[:-1] + bytes([moving[-1] ^ 1]))  # same name, other content

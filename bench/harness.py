@@ -106,15 +106,17 @@ def machine_info() -> Dict[str, str]:
             "memory_gb": f"{memory_gb:.0f}", "commit": commit, "python": platform.python_version()}
 
 
-REUSED_NOTE = ("- Peer rows marked * reuse that peer's output for the identical input from an earlier run of this suite"
-               " on the same machine and day (`--reuse-peers`); SAMIR rows are always run.")
-
-
 def reused_note(rows: Sequence[dict]) -> List[str]:
-    for row in rows:
-        if row.get("reused"):
-            row["name"] = row["name"] + " *"
-    return [REUSED_NOTE] if any(r.get("reused") for r in rows) else []
+    """Mark reused peer rows with * and say when their outputs were made."""
+    reused = [r for r in rows if r.get("reused")]
+    for row in reused:
+        row["name"] = row["name"] + " *"
+    if not reused:
+        return []
+    made = sorted(r.get("reused_from", "?") for r in reused)
+    when = made[0] if made[0] == made[-1] else f"{made[0]} to {made[-1]}"
+    return [f"- Peer rows marked * reuse that peer's output for the identical input (same SHA-256) from an earlier "
+            f"run on this machine, made {when} (`--reuse-peers`); SAMIR rows are always run."]
 
 
 def header(title: str, threads: int, extra: str = "") -> str:
@@ -248,7 +250,9 @@ def evaluate(method: str, case: Case, work: Path, threads: int, with_hd95: bool 
     inputs = None if method.startswith("samir") else input_digest(case)  # SAMIR rows are always run
     if reuse_peers and inputs is not None and (out_dir / "run.json").exists() \
             and (out_dir / "displacement.nii.gz").exists() and digest_file.exists() and digest_file.read_text() == inputs:
-        run = {**json.loads((out_dir / "run.json").read_text()), "method": method, "threads": threads, "reused": True}
+        made = time.strftime("%Y-%m-%d %H:%M", time.localtime((out_dir / "run.json").stat().st_mtime))
+        run = {**json.loads((out_dir / "run.json").read_text()), "method": method, "threads": threads, "reused": True,
+               "reused_from": made}
     else:
         digest_file.unlink(missing_ok=True)
         run = run_method(method, case, out_dir, threads, timeout_s, device)
