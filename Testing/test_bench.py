@@ -211,3 +211,20 @@ def test_moved_case_keeps_the_voxels_and_its_true_field_follows_the_move(small_c
     assert scores["moved"]["epe_mm"] < 1e-3
     assert abs(scores["moved"]["dice"] - scores["unmoved"]["dice"]) < 0.01 and scores["moved"]["dice"] > 0.8
     assert harness.initial_scores(moved)["dice"] < scores["moved"]["dice"] - 0.3
+
+
+def test_scaling_markdown_is_rerendered_from_its_json_with_every_stage(tmp_path):
+    import scaling
+    machine = {"date": "2000-01-01 00:00", "commit": "abc1234", "cpu": "cpu", "cores": "2", "memory_gb": "24"}
+    row = {"size": "acdc", "grid": "16x128x128", "config": "zero-shot fast", "threads": 2,
+           "stages_s": {"read": 0.5, "align": 2.25, "resample": 0.1, "optimise": 10.0, "write": 1.0, "total": 14.0},
+           "total_s": 14.0, "peak_rss_gb": 1.5, "device_peak_mb": None}
+    (tmp_path / "scaling.json").write_text(json.dumps({"machine": machine, "rows": [row], "device": "cpu"}))
+    scaling.rerender(tmp_path / "scaling.json")
+    markdown = (tmp_path / "scaling.md").read_text()
+    assert "2000-01-01 00:00 · commit abc1234" in markdown
+    header_line = next(line for line in markdown.splitlines() if line.startswith("| size"))
+    data_line = next(line for line in markdown.splitlines() if line.startswith("| acdc"))
+    cells = dict(zip([c.strip() for c in header_line.split("|")], [c.strip() for c in data_line.split("|")]))
+    assert cells["align s"] == "2.25" and cells["encoder s"] == "n/a" and cells["total s"] == "14.00"
+    assert json.loads((tmp_path / "scaling.json").read_text())["machine"]["commit"] == "abc1234"

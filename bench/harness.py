@@ -119,8 +119,9 @@ def reused_note(rows: Sequence[dict]) -> List[str]:
             f"run on this machine, made {when} (`--reuse-peers`); SAMIR rows are always run."]
 
 
-def header(title: str, threads: int, extra: str = "") -> str:
-    m = machine_info()
+def header(title: str, threads: int, extra: str = "", machine: Optional[Dict[str, str]] = None) -> str:
+    """The results' heading: date, commit and machine (``machine``: those of an earlier run, re-rendered)."""
+    m = machine or machine_info()
     return (f"## {title}\n\n{m['date']} · commit {m['commit']} · {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB"
             f" · {threads} threads per method{(' · ' + extra) if extra else ''}\n")
 
@@ -285,10 +286,12 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
     return "\n".join(lines)
 
 
-def write_results(stem: str, markdown: str, data: dict, out: Path = RESULTS) -> None:
+def write_results(stem: str, markdown: str, data: dict, out: Path = RESULTS,
+                  machine: Optional[Dict[str, str]] = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.md").write_text(markdown)
-    (out / f"{stem}.json").write_text(json.dumps({"machine": machine_info(), **data}, indent=2, default=str))
+    (out / f"{stem}.json").write_text(json.dumps({"machine": machine or machine_info(), **data}, indent=2,
+                                                 default=str))
     print(markdown)
 
 

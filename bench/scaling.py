@@ -104,7 +104,7 @@ def random_network(path: Path) -> Path:
     return save_model(path, net, config, reduction)
 
 
-STAGES = ("read", "resample", "encoder", "network", "optimise", "write")
+STAGES = ("read", "align", "resample", "encoder", "network", "optimise", "write")
 
 
 def main(argv=None) -> int:
@@ -117,7 +117,12 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "samir_bench")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. the GPU's name)")
+    parser.add_argument("--rerender", type=Path, metavar="JSON",
+                        help="only rewrite the markdown of an earlier result (e.g. bench/results/scaling.json)")
     args = parser.parse_args(argv)
+    if args.rerender:
+        rerender(args.rerender)
+        return 0
     rows = []
     network = None
     for size in args.sizes.split(","):
@@ -133,26 +138,42 @@ def main(argv=None) -> int:
                              device=args.device, extra_args=extra)
             row = {"size": size, "grid": case.description, "config": "network (random weights)" if config == "network"
                    else f"zero-shot {config.split(':', 1)[1]}", **run}
-            for stage in STAGES:
-                row[f"{stage}_s"] = run.get("stages_s", {}).get(stage)
             row["total_s"] = run.get("stages_s", {}).get("total")
             row["peak_rss_gb"] = run["peak_rss_mb"] / 1024 if run.get("peak_rss_mb") else None
             row["device_peak_gb"] = run["device_peak_mb"] / 1024 if run.get("device_peak_mb") else None
             rows.append(row)
+    write_scaling(rows, args.threads, args.device, args.tag, args.out)
+    return 0
+
+
+def write_scaling(rows, threads: int, device: str, tag: str, out: Path, machine=None) -> None:
+    """The suite's markdown and JSON from its rows (``machine``: keep an earlier run's date and commit)."""
+    for row in rows:
+        for stage in STAGES:
+            row[f"{stage}_s"] = row.get("stages_s", {}).get(stage)
     columns = [("size", "size", 0), ("grid", "grid", 0), ("configuration", "config", 0),
                *[(f"{stage} s", f"{stage}_s", 2) for stage in STAGES], ("total s", "total_s", 2),
                ("peak RSS GB", "peak_rss_gb", 2)]
-    if args.device != "cpu":
+    if device != "cpu":
         columns.append(("device peak GB", "device_peak_gb", 2))
     ok = [r for r in rows if "error" not in r]
-    md = "\n".join([header("Suite 4 — speed and memory against volume size", args.threads, f"device {args.device}"),
+    md = "\n".join([header("Suite 4 — speed and memory against volume size", threads, f"device {device}", machine),
                     markdown_table(ok, columns), "",
                     *[f"- {r['size']} {r['config']}: error {r['error']}" for r in rows if "error" in r],
-                    "- n/a: the stage does not run in that configuration (zero-shot needs no encoder by default;"
-                    " the network mode does not optimise unless refined).", ""])
-    write_results(f"scaling{('_' + args.tag) if args.tag else ''}", md, {"rows": rows}, args.out)
-    return 0
+                    "- n/a: the stage does not run in that configuration (zero-shot needs no encoder by default, "
+                    "the network mode does not optimise unless refined).", ""])
+    write_results(f"scaling{('_' + tag) if tag else ''}", md, {"rows": rows, "device": device, "threads": threads},
+                  out, machine)
 
+
+def rerender(json_path: Path) -> None:
+    """Rewrite a scaling result's markdown from its JSON (same measurements, date and commit)."""
+    import json
+    data = json.loads(json_path.read_text())
+    device = data.get("device") or ("cpu" if all(r.get("device_peak_mb") is None for r in data["rows"]) else "cuda")
+    tag = json_path.stem[len("scaling_"):] if json_path.stem.startswith("scaling_") else ""
+    write_scaling(data["rows"], data.get("threads") or data["rows"][0].get("threads", 1), device, tag,
+                  json_path.parent, data["machine"])
 
 if __name__ == "__main__":
     sys.exit(main())
