@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, Case, evaluate, header, markdown_table, method_name, save_case_volumes, write_results  # noqa: E402
+from harness import add_run_arguments, Case, evaluate, header, markdown_table, method_name, save_case_volumes, write_results  # noqa: E402
 import synthetic  # noqa: E402
 
 DEFAULT_METHODS = "samir:balanced+align-none,samir:balanced,samir:balanced+align-affine"
@@ -112,11 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--anatomies", default="mni152,colin27")
     parser.add_argument("--degrees", default=DEFAULT_DEGREES)
-    parser.add_argument("--reuse-peers", action="store_true",
-                        help="reuse a peer's output already in --work for identical inputs")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "samir_bench")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")

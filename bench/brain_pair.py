@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, ROOT, Case, evaluate, fmt, header, initial_scores, markdown_table, method_name, reused_note, write_results  # noqa: E402
+from harness import add_run_arguments, RESULTS, ROOT, Case, evaluate, fmt, header, initial_scores, markdown_table, method_name, reused_note, write_results  # noqa: E402
 
 DATA = Path(os.environ.get("SAMIR_BRAIN_PAIR", ROOT.parent / "shared" / "data" / "brain-pair"))
 ANTS_CC_CACHE = RESULTS / "ants_cc_brain_pair.json"
@@ -82,13 +82,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     parser.add_argument("--measure-ants-cc", action="store_true", help="run ANTs SyN CC (hours) and cache its row")
-    parser.add_argument("--reuse-peers", action="store_true",
-                        help="reuse a peer's output already in --work for this pair instead of running it again")
     parser.add_argument("--cache-check", action="store_true", help="time the encoder stage cold and warm")
     parser.add_argument("--device", default="cpu", help="SAMIR's device (peers run on the CPU)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "samir_bench")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     if not DATA.exists():
         print(f"brain pair not found at {DATA}: skipping (set SAMIR_BRAIN_PAIR to its folder)")

@@ -17,7 +17,6 @@ Writes ``gpu_<device name>.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time

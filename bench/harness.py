@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,6 +118,16 @@ def reused_note(rows: Sequence[dict]) -> List[str]:
     when = made[0] if made[0] == made[-1] else f"{made[0]} to {made[-1]}"
     return [f"- Peer rows marked * reuse that peer's output for the identical input (same SHA-256) from an earlier "
             f"run on this machine, made {when} (`--reuse-peers`); SAMIR rows are always run."]
+
+
+def add_run_arguments(parser, reuse_peers: bool = True) -> None:
+    """The options every suite shares: threads per method, work folder, results folder, peer reuse."""
+    if reuse_peers:
+        parser.add_argument("--reuse-peers", action="store_true",
+                            help="reuse a peer's output already in --work for identical inputs (same SHA-256)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "samir_bench")
+    parser.add_argument("--out", type=Path, default=RESULTS)
 
 
 def header(title: str, threads: int, extra: str = "", machine: Optional[Dict[str, str]] = None) -> str:

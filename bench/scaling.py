@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, Case, header, markdown_table, run_method, save_case_volumes, write_results  # noqa: E402
+from harness import add_run_arguments, Case, header, markdown_table, run_method, save_case_volumes, write_results  # noqa: E402
 from synthetic import WARP_MAX_MM, find_colin27, inverse_field  # noqa: E402
 
 SIZES = {  # name: (shape zyx, spacing zyx mm)
@@ -113,9 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default="samir:fast,samir:balanced,network",
                         help="samir:PRESET (zero-shot) and/or network (random-weight default network)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "samir_bench")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_run_arguments(parser, reuse_peers=False)
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. the GPU's name)")
     parser.add_argument("--rerender", type=Path, metavar="JSON",
                         help="only rewrite the markdown of an earlier result (e.g. bench/results/scaling.json)")

@@ -25,8 +25,6 @@ strength for every method on one plot, and the Dice loss from clean to the stron
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import BENCH, RESULTS, Case, evaluate, header, initial_scores, markdown_table, method_name, reused_note, save_case_volumes, write_results  # noqa: E402
+from harness import add_run_arguments, BENCH, Case, evaluate, header, initial_scores, markdown_table, method_name, reused_note, save_case_volumes, write_results  # noqa: E402
 
 DEFAULT_METHODS = "samir:balanced,demons,elastix,ants-mi"
 SPACING_MM = 2.0
@@ -278,11 +276,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--anatomies", default=None, help="default: mni152,colin27 (accuracy), mni152 (robustness)")
     parser.add_argument("--warps", type=int, default=2)
-    parser.add_argument("--reuse-peers", action="store_true",
-                        help="reuse a peer's output already in --work for the same case instead of running it again")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "samir_bench")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     args.anatomies = args.anatomies or ("mni152,colin27" if args.suite == "accuracy" else "mni152")
     args.out.mkdir(parents=True, exist_ok=True)
