@@ -78,9 +78,10 @@ def alignment_found(work: Path, case: Case, method: str) -> dict:
     summary = work / case.name / method.replace(":", "_") / "summary.json"
     if not method.startswith("samir") or not summary.exists():
         return {}
-    alignment = json.loads(summary.read_text()).get("alignment", {})
+    data = json.loads(summary.read_text())
+    alignment = data.get("alignment", {})
     return {"alignment_used": alignment.get("used"), "rotation_found_deg": alignment.get("rotation_deg"),
-            "align_s": json.loads(summary.read_text())["timings_s"].get("align")}
+            "align_s": data["timings_s"].get("align")}
 
 
 def alignment_plot(rows, path: Path) -> None:

@@ -142,9 +142,10 @@ def resample_into(moving: Volume, reference: Volume, labels: bool = False,
         return replace(moving, array=moving.array)
     transform = sitk.Transform()
     if not identity:
+        matrix = np.asarray(affine_lps, dtype=np.float64)
         transform = sitk.AffineTransform(3)
-        transform.SetMatrix(tuple(np.asarray(affine_lps, dtype=np.float64)[:3, :3].ravel()))
-        transform.SetTranslation(tuple(np.asarray(affine_lps, dtype=np.float64)[:3, 3]))
+        transform.SetMatrix(tuple(matrix[:3, :3].ravel()))
+        transform.SetTranslation(tuple(matrix[:3, 3]))
     interp = sitk.sitkNearestNeighbor if labels else (sitk.sitkBSpline if cubic else sitk.sitkLinear)
     out = from_sitk(sitk.Resample(to_sitk(moving), to_sitk(reference.with_array(np.zeros(reference.shape, np.uint8))),
                                   transform, interp, 0.0), moving.name)

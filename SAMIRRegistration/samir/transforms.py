@@ -70,11 +70,10 @@ def warp_labels(labels: Volume, fixed: Volume, displacement_lps: np.ndarray, dev
     """
     values = np.array([0] + [int(v) for v in np.unique(labels.array) if v != 0], dtype=np.int64)
     source_rank = torch.from_numpy(np.searchsorted(values, labels.array).astype(np.int32).ravel()).to(device)
-    slabs = list(_moving_index_slabs(fixed, labels, displacement_lps, device))
-    best_rank = np.zeros(fixed.shape, dtype=np.int64)
+    best_rank = np.zeros(fixed.shape, dtype=np.int32)
     sizes = torch.tensor(labels.shape[::-1], device=device)
     strides = (labels.shape[1] * labels.shape[2], labels.shape[2], 1)
-    for zs, index in slabs:
+    for zs, index in _moving_index_slabs(fixed, labels, displacement_lps, device):  # one slab in memory at a time
         base = torch.floor(index)
         frac = index - base
         base = base.long()
@@ -100,11 +99,11 @@ def warp_labels(labels: Volume, fixed: Volume, displacement_lps: np.ndarray, dev
             best = torch.where(better, r, best)
         best = torch.where(_inside(index, labels.shape), best, 0)
         best_rank[zs] = best.cpu().numpy()
-    missing = sorted(set(range(1, len(values))) - set(np.unique(best_rank).tolist()))
+    missing = np.flatnonzero(np.bincount(best_rank.ravel(), minlength=len(values))[1:] == 0) + 1
     for rank in missing:
         source = torch.from_numpy(np.ascontiguousarray(labels.array == values[rank], dtype=np.float32))[None, None].to(device)
         label_peak = (0.0, None)
-        for zs, index in slabs:
+        for zs, index in _moving_index_slabs(fixed, labels, displacement_lps, device):
             prob = F.grid_sample(source, _normalized(index, labels.shape)[None], mode="bilinear",
                                  padding_mode="zeros", align_corners=True)[0, 0]
             prob = torch.where(_inside(index, labels.shape), prob, torch.zeros_like(prob))
