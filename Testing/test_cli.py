@@ -111,7 +111,7 @@ def bad_input_cases(tmp_path, demo_files):
         "NaN": (["register", str(good), str(write_like(tmp_path / "nan.mha", with_nan, good))], "NaN"),
         "empty seg": (["register", str(good), str(good), "--moving-seg",
                        str(write_like(tmp_path / "empty.nii.gz", np.zeros(volume.shape, np.uint8), good))], "empty"),
-        # with the default affine alignment such a pair is found from its centres (test_affine.py)
+        # with the default (rigid) pre-alignment such a pair is found from its centres (test_affine.py)
         "no overlap": (["register", str(good), str(write_like(tmp_path / "far.nii.gz", volume, good, (5000.0, 0, 0))),
                         "--alignment", "none"], "do not overlap"),
         "missing": (["register", str(good), str(tmp_path / "nope.nii.gz")], "does not exist"),

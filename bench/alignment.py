@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import add_run_arguments, Case, evaluate, header, markdown_table, method_name, save_case_volumes, write_results  # noqa: E402
+from harness import add_run_arguments, Case, evaluate, header, markdown_table, method_dir, method_name, save_case_volumes, write_results  # noqa: E402
 import synthetic  # noqa: E402
 
 DEFAULT_METHODS = "samir:balanced+align-none,samir:balanced,samir:balanced+align-affine"
@@ -75,7 +75,7 @@ def make_moved_case(base: Case, degrees: float, work: Path) -> Case:
 
 
 def alignment_found(work: Path, case: Case, method: str) -> dict:
-    summary = work / case.name / method.replace(":", "_") / "summary.json"
+    summary = method_dir(work, case, method) / "summary.json"
     if not method.startswith("samir") or not summary.exists():
         return {}
     data = json.loads(summary.read_text())

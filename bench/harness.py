@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -43,27 +43,27 @@ SAMIR_OPTION_NAMES = {"hm": "histogram matching", "align-none": "no pre-alignmen
                       "align-rigid": "rigid pre-alignment", "align-affine": "affine pre-alignment"}
 
 
-def samir_options(method: str) -> List[str]:
-    """The ``+OPTION`` suffixes of ``samir:PRESET+OPTION+...`` (see ``SAMIR_OPTIONS``)."""
+def samir_spec(method: str) -> Tuple[str, List[str]]:
+    """``samir:PRESET[+OPTION...]`` (e.g. ``samir:balanced+hm``): the preset and the option names (``SAMIR_OPTIONS``)."""
     spec = method.split(":", 1)[1] if ":" in method else "balanced"
-    options = spec.split("+")[1:]
+    preset, *options = spec.split("+")
     unknown = [o for o in options if o not in SAMIR_OPTIONS]
     if unknown:
         raise ValueError(f"unknown SAMIR variant {method!r}: samir:PRESET[+OPTION...], OPTION one of "
                          f"{', '.join(SAMIR_OPTIONS)}")
-    return options
+    return preset, options
 
 
-def samir_variant(method: str):
-    """``samir:PRESET[+OPTION...]`` (e.g. ``samir:balanced+hm``): the preset and the extra command-line arguments."""
-    spec = method.split(":", 1)[1] if ":" in method else "balanced"
-    return spec.split("+")[0], [arg for option in samir_options(method) for arg in SAMIR_OPTIONS[option]]
+def samir_variant(method: str) -> Tuple[str, List[str]]:
+    """The preset of ``samir:PRESET[+OPTION...]`` and the extra command-line arguments of its options."""
+    preset, options = samir_spec(method)
+    return preset, [arg for option in options for arg in SAMIR_OPTIONS[option]]
 
 
 def method_name(method: str) -> str:
     if method.startswith("samir"):
-        preset, _ = samir_variant(method)
-        return " + ".join([f"SAMIR zero-shot {preset}"] + [SAMIR_OPTION_NAMES[o] for o in samir_options(method)])
+        preset, options = samir_spec(method)
+        return " + ".join([f"SAMIR zero-shot {preset}"] + [SAMIR_OPTION_NAMES[o] for o in options])
     return METHOD_NAMES.get(method, method)
 
 
@@ -254,10 +254,15 @@ def input_digest(case: Case) -> str:
     return digest.hexdigest()
 
 
+def method_dir(work: Path, case: Case, method: str) -> Path:
+    """Where :func:`evaluate` keeps ``method``'s outputs for ``case``."""
+    return work / case.name / method.replace(":", "_")
+
+
 def evaluate(method: str, case: Case, work: Path, threads: int, with_hd95: bool = True, device: str = "cpu",
              timeout_s: float = 4 * 3600, reuse_peers: bool = False) -> dict:
     """Run (or, with ``reuse_peers``, reuse a peer's earlier output for the same case) and score."""
-    out_dir = work / case.name / method.replace(":", "_")
+    out_dir = method_dir(work, case, method)
     digest_file = out_dir / INPUT_DIGEST_FILE
     inputs = None if method.startswith("samir") else input_digest(case)  # SAMIR rows are always run
     if reuse_peers and inputs is not None and (out_dir / "run.json").exists() \

@@ -19,6 +19,7 @@ on a GPU, peak device memory.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -165,12 +166,12 @@ def write_scaling(rows, threads: int, device: str, tag: str, out: Path, machine=
 
 def rerender(json_path: Path) -> None:
     """Rewrite a scaling result's markdown from its JSON (same measurements, date and commit)."""
-    import json
     data = json.loads(json_path.read_text())
     device = data.get("device") or ("cpu" if all(r.get("device_peak_mb") is None for r in data["rows"]) else "cuda")
     tag = json_path.stem[len("scaling_"):] if json_path.stem.startswith("scaling_") else ""
     write_scaling(data["rows"], data.get("threads") or data["rows"][0].get("threads", 1), device, tag,
                   json_path.parent, data["machine"])
+
 
 if __name__ == "__main__":
     sys.exit(main())
