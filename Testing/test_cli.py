@@ -41,6 +41,8 @@ def test_histogram_matching_and_the_intensity_map_are_set_on_the_command_line():
     assert parse("--histogram-matching").histogram_matching is True
     assert parse().settings().joint_intensity_map is True
     assert parse("--no-intensity-map").settings().joint_intensity_map is False
+    assert parse().settings().noise_smoothing is True
+    assert parse("--no-noise-smoothing").settings().noise_smoothing is False
 
 
 def test_written_transform_reproduces_the_warped_image_in_simpleitk(cli_run, demo_files):

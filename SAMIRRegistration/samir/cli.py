@@ -80,6 +80,9 @@ def add_registration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-intensity-map", action="store_true",
                         help="zero-shot with ncc: do not map the moving intensities by the monotone map fitted on the"
                              " pair as aligned by the coarser levels (on by default)")
+    parser.add_argument("--no-noise-smoothing", action="store_true",
+                        help="zero-shot with ncc: do not smooth both images at the pyramid levels where the noisier"
+                             " one's estimated white noise is strong (on by default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--normalization", default="auto", choices=NORMALIZATIONS,
                         help="intensity normalisation: mr = percentile clip, ct = HU window [-500, 800]")
@@ -117,7 +120,8 @@ def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
         slice_stride=args.slice_stride, use_features=args.features, seed=args.seed, use_cache=not args.no_cache,
         optimizer={"levels": args.levels, "finest_level": args.finest_level, "iterations": args.iterations,
                    "smoothness": args.smoothness, "feature_weight": args.feature_weight,
-                   "joint_intensity_map": False if args.no_intensity_map else None})
+                   "joint_intensity_map": False if args.no_intensity_map else None,
+                   "noise_smoothing": False if args.no_noise_smoothing else None})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,12 +15,15 @@ with ``S`` local NCC (same contrast) or the MIND-SSC descriptor difference (any 
 from the second stage on ``M`` passes through a monotone intensity map fitted on the pair as aligned
 so far (``joint_intensity_map``): local NCC absorbs linear intensity changes only, and a map fitted
 on corresponding voxels, unlike histogram matching, is not bent by structures that change size.
+Where the noisier image's white noise (:func:`estimate_noise_std`), as left by a level's area
+averaging, is strong, both images of that level are smoothed alike (``noise_smoothing``): at the finest
+levels NCC otherwise aligns the noise.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -64,6 +67,12 @@ class OptimizerSettings:
     # NCC: from the second stage on, the moving intensities pass through a monotone map fitted on the pair as
     # aligned so far (fixed against warped moving), for intensity responses NCC's local linearity cannot absorb
     joint_intensity_map: bool = True
+    # NCC: where the noisier image's noise (estimate_noise_std, [0, 1] intensities, reduced by each level's
+    # area averaging) exceeds the range's first value, both images are smoothed alike with a Gaussian rising
+    # to 1 finest-voxel width at its second; the finest levels otherwise follow the noise (see bench/README)
+    noise_smoothing: bool = True
+    noise_smoothing_range: Sequence[float] = (0.012, 0.03)
+    noise_smoothing_max_mm: float = 2.0
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -78,19 +87,21 @@ class LevelReport:
     iterations: int
     loss: float
     intensity_mapped: bool = False  # the moving intensities went through the joint intensity map
+    noise_smoothing_mm: float = 0.0  # Gaussian sigma both images were smoothed with against noise
+    noise_std: float = 0.0  # the noisier image's estimated noise (full resolution, [0, 1] intensities)
 
 
-def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    if sigma <= 0:
-        return x
-    radius = max(1, int(round(2 * sigma)))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = kernel / kernel.sum()
+def gaussian_smooth(x: torch.Tensor, sigma: Union[float, Sequence[float]]) -> torch.Tensor:
+    """Separable Gaussian of ``sigma`` voxels (one value, or one per axis z, y, x), replicate padding."""
+    sigmas = [float(sigma)] * 3 if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
     channels = x.shape[1]
-    for dim in range(3):
-        if x.shape[2 + dim] <= 2 * radius:
+    for dim, sigma_d in enumerate(sigmas):
+        radius = max(1, int(round(2 * sigma_d)))
+        if sigma_d <= 0.05 or x.shape[2 + dim] <= 2 * radius:
             continue
+        t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+        kernel = torch.exp(-0.5 * (t / sigma_d) ** 2)
+        kernel = kernel / kernel.sum()
         shape = [1, 1, 1]
         shape[dim] = kernel.numel()
         pad = [0, 0, 0, 0, 0, 0]
@@ -98,6 +109,48 @@ def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
         x = F.conv3d(F.pad(x, pad, mode="replicate"), kernel.view(1, 1, *shape).expand(channels, 1, *shape),
                      groups=channels)
     return x
+
+
+def _immerkaer_response(image: torch.Tensor, content: torch.Tensor, dilation: int) -> float:
+    """Smallest over the three orientations of the median absolute response, scaled to a white-noise std,
+    of Immerkaer's mask (the product of second differences along two axes) with taps ``dilation`` apart."""
+    second = torch.tensor([1.0, -2.0, 1.0], device=image.device, dtype=image.dtype)
+    responses = []
+    for axes in ((1, 2), (0, 2), (0, 1)):
+        if any(image.shape[2 + d] < 2 * dilation + 1 for d in axes):
+            continue
+        shape = [3 if d in axes else 1 for d in range(3)]
+        kernel = second.view([3 if d == axes[0] else 1 for d in range(3)]) * second.view([3 if d == axes[1] else 1 for d in range(3)])
+        response = F.conv3d(image, kernel.view(1, 1, *shape), dilation=dilation,
+                            padding=tuple(dilation * (n - 1) // 2 for n in shape))
+        values = response[content].abs()
+        if values.numel() < 100:
+            continue
+        step = max(1, values.numel() // 2_000_000)
+        # white noise of std s gives responses of std 6 s (the mask's L2 norm); median |N(0, 1)| = 0.6745
+        responses.append(float(values[::step].median()) / (0.6745 * 6.0))
+    return min(responses) if responses else 0.0
+
+
+def estimate_noise_std(image: torch.Tensor) -> float:
+    """Standard deviation of white noise in ``image`` ``(1, 1, D, H, W)``, over voxels with content.
+
+    Immerkaer's mask cancels whatever is locally linear along either of its axes, but at coarse voxels
+    anatomy is not. With its taps 2 voxels apart the mask answers white noise exactly as before and
+    anatomy at least twice as strongly, so ``r1^2 = n^2 + a^2`` and ``r2^2 >= n^2 + 4 a^2`` give
+    ``n^2 <= (4 r1^2 - r2^2) / 3``: an image whose response grows with the taps' spacing is not noisy."""
+    content = F.max_pool3d(image, 3, 1, 1) > CONTENT_THRESHOLD
+    near, far = _immerkaer_response(image, content, 1), _immerkaer_response(image, content, 2)
+    return math.sqrt(max(0.0, (4 * near * near - far * far) / 3))
+
+
+def noise_smoothing_sigma(noise_std: float, settings: "OptimizerSettings") -> float:
+    """Gaussian width, in voxels of the finest axis, to smooth both images with at a level whose noise is
+    ``noise_std``: 0 up to the first value of ``settings.noise_smoothing_range``, 1 from the second on."""
+    if not settings.noise_smoothing or settings.similarity != "ncc":
+        return 0.0
+    low, high = settings.noise_smoothing_range
+    return min(1.0, max(0.0, (noise_std - low) / (high - low)))
 
 
 def flat_region(image: torch.Tensor, fraction: float = 0.5) -> torch.Tensor:
@@ -178,10 +231,15 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
     u = None if initial_field is None else initial_field.detach().to(device)
     reports: List[LevelReport] = []
     intensity_statistics = 0.0
+    noise = max(estimate_noise_std(fixed), estimate_noise_std(moving)) if noise_smoothing_sigma(1.0, settings) else 0.0
 
     for level, velocity_shape, shape, n_iter in stages:
         spacing_l = [s * full / n for s, full, n in zip(spacing_zyx, full_shape, shape)]
         f_l, m_l = resize_volume(fixed, shape), resize_volume(moving, shape)
+        smoothing_mm = min(settings.noise_smoothing_max_mm, min(spacing_l) * noise_smoothing_sigma(
+            noise / math.sqrt(math.prod(full_shape) / math.prod(shape)), settings))
+        if smoothing_mm > 0:  # the same physical width on every axis, so thick slices are hardly smoothed across
+            f_l, m_l = (gaussian_smooth(x, [smoothing_mm / s for s in spacing_l]) for x in (f_l, m_l))
         fm_l = None if fixed_mask is None else (resize_volume(fixed_mask, shape) > 0.5).float()
         mm_l = None if moving_mask is None else resize_volume(moving_mask, shape)
         u_prev = torch.zeros((1, 3, *shape), device=device) if u is None else resize_field(u, shape).detach()
@@ -247,7 +305,8 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
         done += n_iter
         with torch.no_grad():
             u = compose(u_prev, level_increment(velocity))
-        reports.append(LevelReport(level, shape, it, loss_value, intensity_mapped))
+        reports.append(LevelReport(level, shape, it, loss_value, intensity_mapped,
+                                   round(float(smoothing_mm), 3), round(noise, 4)))
         if progress:
             progress(done / total_iterations)
     with torch.no_grad():
