@@ -111,6 +111,11 @@ def gaussian_smooth(x: torch.Tensor, sigma: Union[float, Sequence[float]]) -> to
     return x
 
 
+def content_region(image: torch.Tensor) -> torch.Tensor:
+    """True within one voxel of a voxel brighter than background (``CONTENT_THRESHOLD``)."""
+    return F.max_pool3d(image, 3, 1, 1) > CONTENT_THRESHOLD
+
+
 def _immerkaer_response(image: torch.Tensor, content: torch.Tensor, dilation: int) -> float:
     """Smallest over the three orientations of the median absolute response, scaled to a white-noise std,
     of Immerkaer's mask (the product of second differences along two axes) with taps ``dilation`` apart."""
@@ -120,8 +125,8 @@ def _immerkaer_response(image: torch.Tensor, content: torch.Tensor, dilation: in
         if any(image.shape[2 + d] < 2 * dilation + 1 for d in axes):
             continue
         shape = [3 if d in axes else 1 for d in range(3)]
-        kernel = second.view([3 if d == axes[0] else 1 for d in range(3)]) * second.view([3 if d == axes[1] else 1 for d in range(3)])
-        response = F.conv3d(image, kernel.view(1, 1, *shape), dilation=dilation,
+        kernel = torch.outer(second, second).reshape(1, 1, *shape)
+        response = F.conv3d(image, kernel, dilation=dilation,
                             padding=tuple(dilation * (n - 1) // 2 for n in shape))
         values = response[content].abs()
         if values.numel() < 100:
@@ -139,7 +144,7 @@ def estimate_noise_std(image: torch.Tensor) -> float:
     anatomy is not. With its taps 2 voxels apart the mask answers white noise exactly as before and
     anatomy at least twice as strongly, so ``r1^2 = n^2 + a^2`` and ``r2^2 >= n^2 + 4 a^2`` give
     ``n^2 <= (4 r1^2 - r2^2) / 3``: an image whose response grows with the taps' spacing is not noisy."""
-    content = F.max_pool3d(image, 3, 1, 1) > CONTENT_THRESHOLD
+    content = content_region(image)
     near, far = _immerkaer_response(image, content, 1), _immerkaer_response(image, content, 2)
     return math.sqrt(max(0.0, (4 * near * near - far * far) / 3))
 
@@ -147,7 +152,7 @@ def estimate_noise_std(image: torch.Tensor) -> float:
 def noise_smoothing_sigma(noise_std: float, settings: "OptimizerSettings") -> float:
     """Gaussian width, in voxels of the finest axis, to smooth both images with at a level whose noise is
     ``noise_std``: 0 up to the first value of ``settings.noise_smoothing_range``, 1 from the second on."""
-    if not settings.noise_smoothing or settings.similarity != "ncc":
+    if noise_std <= 0:
         return 0.0
     low, high = settings.noise_smoothing_range
     return min(1.0, max(0.0, (noise_std - low) / (high - low)))
@@ -231,7 +236,8 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
     u = None if initial_field is None else initial_field.detach().to(device)
     reports: List[LevelReport] = []
     intensity_statistics = 0.0
-    noise = max(estimate_noise_std(fixed), estimate_noise_std(moving)) if noise_smoothing_sigma(1.0, settings) else 0.0
+    smooth_noise = settings.noise_smoothing and settings.similarity == "ncc"
+    noise = max(estimate_noise_std(fixed), estimate_noise_std(moving)) if smooth_noise else 0.0
 
     for level, velocity_shape, shape, n_iter in stages:
         spacing_l = [s * full / n for s, full, n in zip(spacing_zyx, full_shape, shape)]
@@ -255,7 +261,7 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
             mf_l = sample_features(moving_features, shape, device)
             # features are compared where the fixed image has content: encodings of a blank background
             # and of a noisy one differ without saying anything about anatomy
-            content_l = (F.max_pool3d(f_l, 3, 1, 1) > CONTENT_THRESHOLD).float()
+            content_l = content_region(f_l).float()
         window = ncc_window(spacing_l, settings.ncc_window if level <= 1 else min(settings.ncc_window, 7))
         if settings.similarity == "mind":
             with torch.no_grad():
