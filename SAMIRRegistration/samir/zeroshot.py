@@ -7,9 +7,10 @@ free parameter optimised with Adam on this pair instead of predicted by a traine
     loss_l = w_sim * S(F_l, M_l o u_l) + w_feat * MSE(feat F_l, feat M_l o u_l)
              + w_smooth * diffusion(u_l)      (or of the level's increment: regularise_increment=True)
 
-An optional last stage keeps the finest optimised velocity grid but evaluates ``S`` on the
-full-resolution images (``full_resolution_iterations``), for volumes whose full grid is too large
-to carry a velocity of its own.
+An optional last stage evaluates ``S`` on the full-resolution images (``full_resolution_iterations``)
+for volumes whose full grid is beyond ``max_voxels``: its velocity stays on the finest optimised grid,
+or with ``full_resolution_velocity`` lives on the full grid, integrated in fewer squaring steps
+(``full_resolution_integration_steps``: the increment left at that stage is small).
 
 with ``S`` local NCC (same contrast) or the MIND-SSC descriptor difference (any contrast). With NCC,
 from the second stage on ``M`` passes through a monotone intensity map fitted on the pair as aligned
@@ -64,6 +65,11 @@ class OptimizerSettings:
     # (endpoint error 0.70 vs 0.56 of the initial, Dice 0.910 vs 0.926): roughness builds up across levels
     regularise_increment: bool = False
     full_resolution_iterations: int = 0  # a last stage on the finest optimised velocity grid, images at full resolution
+    # ... whose velocity is on the full grid instead, integrated in fewer squaring steps (None: integration_steps):
+    # the field's last increment is small, and each step at full resolution costs about a third of an iteration
+    full_resolution_velocity: bool = False
+    full_resolution_integration_steps: Optional[int] = None
+    full_resolution_smoothness: Optional[float] = None  # the last stage's diffusion weight (None: smoothness)
     # NCC: from the second stage on, the moving intensities pass through a monotone map fitted on the pair as
     # aligned so far (fixed against warped moving), for intensity responses NCC's local linearity cannot absorb
     joint_intensity_map: bool = True
@@ -230,7 +236,8 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
     # velocity grid but compares the images at full resolution, where the small structures are
     stages = [(level, shapes[level - 1], shapes[level - 1], n) for level, n in zip(levels, iterations)]
     if settings.full_resolution_iterations and levels and shapes[levels[-1] - 1] != full_shape:
-        stages.append((0, shapes[levels[-1] - 1], full_shape, settings.full_resolution_iterations))
+        velocity_grid = full_shape if settings.full_resolution_velocity else shapes[levels[-1] - 1]
+        stages.append((0, velocity_grid, full_shape, settings.full_resolution_iterations))
     total_iterations, done = max(1, sum(stage[3] for stage in stages)), 0
     use_features = fixed_features is not None and moving_features is not None and settings.feature_weight > 0
     u = None if initial_field is None else initial_field.detach().to(device)
@@ -272,6 +279,11 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
             feature_ncc = LocalNCC(ff_l.transpose(0, 1), window)
         velocity = torch.zeros((1, 3, *velocity_shape), device=device, requires_grad=True)
         steps = settings.integration_steps
+        if level == 0 and settings.full_resolution_velocity and settings.full_resolution_integration_steps is not None:
+            steps = settings.full_resolution_integration_steps
+        smoothness = settings.smoothness
+        if level == 0 and settings.full_resolution_smoothness is not None:
+            smoothness = settings.full_resolution_smoothness
 
         def level_increment(v: torch.Tensor) -> torch.Tensor:
             return resize_field(integrate(gaussian_smooth(v, settings.velocity_sigma), steps), shape)
@@ -296,7 +308,7 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
                     loss = loss + settings.feature_weight * feature_ncc(warp(mf_l, u_l).transpose(0, 1), feature_mask)
                 else:
                     loss = loss + settings.feature_weight * feature_loss(ff_l, warp(mf_l, u_l), feature_mask)
-            loss = loss + settings.smoothness * diffusion_loss(increment if settings.regularise_increment else u_l, spacing_l)
+            loss = loss + smoothness * diffusion_loss(increment if settings.regularise_increment else u_l, spacing_l)
             loss.backward()
             optimizer.step()
             loss_value = float(loss.detach())
