@@ -135,6 +135,11 @@ def test_full_resolution_velocity_resolves_finer_detail(demo_pair):
         assert reports[-1].level == 0 and reports[-1].shape == tuple(fixed.shape[2:])
         assert ncc(u_full) < ncc(u_half) - 0.01, (steps, ncc(u_half), ncc(u_full))
         assert folding_fraction(jacobian_determinant(u_full)) < 0.01
+    # the last stage's own diffusion weight: a heavy one there leaves the ripple, the coarser level is untouched
+    stiff, stiff_reports = optimize_pyramid(fixed, moving, spacing, OptimizerSettings(
+        full_resolution_velocity=True, full_resolution_integration_steps=2, full_resolution_smoothness=50.0, **common))
+    assert stiff_reports[0].loss == reports[0].loss
+    assert ncc(stiff) > ncc(u_full) + 0.01, (ncc(stiff), ncc(u_full))
 
 
 def test_increment_regularisation_keeps_the_coarser_field(demo_pair):

@@ -10,7 +10,8 @@ free parameter optimised with Adam on this pair instead of predicted by a traine
 An optional last stage evaluates ``S`` on the full-resolution images (``full_resolution_iterations``)
 for volumes whose full grid is beyond ``max_voxels``: its velocity stays on the finest optimised grid,
 or with ``full_resolution_velocity`` lives on the full grid, integrated in fewer squaring steps
-(``full_resolution_integration_steps``: the increment left at that stage is small).
+(``full_resolution_integration_steps``: the increment left at that stage is small), optionally with
+its own diffusion weight (``full_resolution_smoothness``).
 
 with ``S`` local NCC (same contrast) or the MIND-SSC descriptor difference (any contrast). With NCC,
 from the second stage on ``M`` passes through a monotone intensity map fitted on the pair as aligned
@@ -232,8 +233,8 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
     levels = optimised_levels(shapes, settings)
     iterations = list(settings.iterations)[:len(levels)]
     iterations += [iterations[-1]] * (len(levels) - len(iterations))
-    # (level, velocity grid, image grid, iterations); the optional last stage keeps the finest optimised
-    # velocity grid but compares the images at full resolution, where the small structures are
+    # (level, velocity grid, image grid, iterations); the optional last stage compares the images at full
+    # resolution, where the small structures are, with the velocity on the finest optimised grid or the full one
     stages = [(level, shapes[level - 1], shapes[level - 1], n) for level, n in zip(levels, iterations)]
     if settings.full_resolution_iterations and levels and shapes[levels[-1] - 1] != full_shape:
         velocity_grid = full_shape if settings.full_resolution_velocity else shapes[levels[-1] - 1]
