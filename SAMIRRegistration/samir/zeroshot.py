@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -206,6 +206,26 @@ def optimised_levels(shapes: Sequence[tuple], settings: OptimizerSettings) -> Li
     return levels
 
 
+class _Stage(NamedTuple):
+    level: int  # pyramid level; 0 for the last stage at full resolution
+    velocity_shape: tuple
+    image_shape: tuple
+    iterations: int
+    integration_steps: int
+    smoothness: float
+
+
+def _full_resolution_stage(settings: OptimizerSettings, finest_shape: tuple, full_shape: tuple) -> _Stage:
+    """The last stage compares the images at full resolution, where the small structures are, with the
+    velocity on the finest optimised grid or (``full_resolution_velocity``) on the full one."""
+    steps = settings.integration_steps
+    if settings.full_resolution_velocity and settings.full_resolution_integration_steps is not None:
+        steps = settings.full_resolution_integration_steps
+    smoothness = settings.smoothness if settings.full_resolution_smoothness is None else settings.full_resolution_smoothness
+    return _Stage(0, full_shape if settings.full_resolution_velocity else finest_shape, full_shape,
+                  settings.full_resolution_iterations, steps, smoothness)
+
+
 def optimised_level_shapes(shape: Sequence[int], settings: OptimizerSettings, slicing_axis: Optional[int] = None,
                            spacing_zyx: Optional[Sequence[float]] = None) -> List[tuple]:
     shapes = pyramid_shapes(shape, settings.levels, slicing_axis, spacing_zyx)
@@ -233,13 +253,11 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
     levels = optimised_levels(shapes, settings)
     iterations = list(settings.iterations)[:len(levels)]
     iterations += [iterations[-1]] * (len(levels) - len(iterations))
-    # (level, velocity grid, image grid, iterations); the optional last stage compares the images at full
-    # resolution, where the small structures are, with the velocity on the finest optimised grid or the full one
-    stages = [(level, shapes[level - 1], shapes[level - 1], n) for level, n in zip(levels, iterations)]
+    stages = [_Stage(level, shapes[level - 1], shapes[level - 1], n, settings.integration_steps, settings.smoothness)
+              for level, n in zip(levels, iterations)]
     if settings.full_resolution_iterations and levels and shapes[levels[-1] - 1] != full_shape:
-        velocity_grid = full_shape if settings.full_resolution_velocity else shapes[levels[-1] - 1]
-        stages.append((0, velocity_grid, full_shape, settings.full_resolution_iterations))
-    total_iterations, done = max(1, sum(stage[3] for stage in stages)), 0
+        stages.append(_full_resolution_stage(settings, shapes[levels[-1] - 1], full_shape))
+    total_iterations, done = max(1, sum(stage.iterations for stage in stages)), 0
     use_features = fixed_features is not None and moving_features is not None and settings.feature_weight > 0
     u = None if initial_field is None else initial_field.detach().to(device)
     reports: List[LevelReport] = []
@@ -247,7 +265,7 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
     smooth_noise = settings.noise_smoothing and settings.similarity == "ncc"
     noise = max(estimate_noise_std(fixed), estimate_noise_std(moving)) if smooth_noise else 0.0
 
-    for level, velocity_shape, shape, n_iter in stages:
+    for level, velocity_shape, shape, n_iter, steps, smoothness in stages:
         spacing_l = [s * full / n for s, full, n in zip(spacing_zyx, full_shape, shape)]
         f_l, m_l = resize_volume(fixed, shape), resize_volume(moving, shape)
         smoothing_mm = min(settings.noise_smoothing_max_mm, min(spacing_l) * noise_smoothing_sigma(
@@ -279,12 +297,6 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
         if features_here and settings.feature_similarity == "ncc":
             feature_ncc = LocalNCC(ff_l.transpose(0, 1), window)
         velocity = torch.zeros((1, 3, *velocity_shape), device=device, requires_grad=True)
-        steps = settings.integration_steps
-        if level == 0 and settings.full_resolution_velocity and settings.full_resolution_integration_steps is not None:
-            steps = settings.full_resolution_integration_steps
-        smoothness = settings.smoothness
-        if level == 0 and settings.full_resolution_smoothness is not None:
-            smoothness = settings.full_resolution_smoothness
 
         def level_increment(v: torch.Tensor) -> torch.Tensor:
             return resize_field(integrate(gaussian_smooth(v, settings.velocity_sigma), steps), shape)
