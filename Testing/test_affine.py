@@ -109,3 +109,30 @@ def test_composition_maps_each_fixed_point_through_the_field_then_the_affine():
     found = points + displacement_zyx_voxels_to_lps(total[0].numpy(), fixed)
     np.testing.assert_allclose(found, expected, atol=1e-4)
     assert index_to_world(fixed).shape == (4, 4)
+
+
+def test_alignment_grids_sample_the_volume_at_their_own_world_points():
+    """A linear ramp in world coordinates (which smoothing leaves alone away from the border) read on an
+    alignment grid of an oblique, anisotropic volume equals the ramp at that grid's world points."""
+    from samir.affine import alignment_grid, smoothed_on_grid
+    direction = Rotation.from_rotvec([0.3, -0.2, 0.4]).as_matrix()
+    volume = Volume(np.zeros((30, 48, 40), np.float32), spacing=(0.9, 1.1, 2.5), origin=(-12.0, 30.0, 4.0),
+                    direction=direction)
+    slope, offset = np.array([0.02, -0.015, 0.01]), 0.5
+    ramp = (world_points_of_grid(volume) @ slope + offset).astype(np.float32)
+    grid = alignment_grid(volume, 12 ** 3)
+    assert grid.array.size < volume.array.size and np.allclose(grid.direction, direction)
+    sampled = smoothed_on_grid(torch.from_numpy(ramp)[None, None], volume, grid)[0, 0].numpy()
+    expected = world_points_of_grid(grid) @ slope + offset
+    inner = (slice(2, -2),) * 3
+    np.testing.assert_allclose(sampled[inner], expected[inner], atol=1e-4)
+
+
+def test_fixed_degree_matrix_exponential_matches_torch():
+    from samir.affine import expm3
+    generator = torch.tensor([[0.0, -2.5, 1.0], [2.5, 0.0, -0.7], [-1.0, 0.7, 0.3]], dtype=torch.float64,
+                             requires_grad=True)
+    torch.testing.assert_close(expm3(generator), torch.linalg.matrix_exp(generator), rtol=1e-10, atol=1e-10)
+    ours = torch.autograd.grad(expm3(generator).square().sum(), generator)[0]
+    reference = torch.autograd.grad(torch.linalg.matrix_exp(generator).square().sum(), generator)[0]
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)

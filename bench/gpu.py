@@ -11,12 +11,16 @@ matmul floor, network forward pass, zero-shot optimisation, and the scaling suit
 2. Network forward (head + 5-level PDFP, default architecture, random weights) on ACDC-size and
    brain-size feature volumes: ms per pair.
 3. End to end (read-in-memory volumes -> field), in one warm process: zero-shot fast/balanced and the
-   network mode on the ACDC-size and brain-size cases of ``bench/scaling.py``.
+   network mode on the ACDC-size and brain-size cases of ``bench/scaling.py``; zero-shot balanced once
+   more with ``SAMIR_CUDA_GRAPHS=0`` (every optimisation step launched from Python), for comparison;
+   the network mode once more with the encoder built once and passed in (as a program registering
+   many pairs would); zero-shot accurate on the brain-size case.
 Writes ``gpu_<device name>.{md,json}``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -100,16 +104,17 @@ def network_forward(device, quick: bool) -> list:
     return rows
 
 
-def end_to_end(device, quick: bool, work: Path) -> list:
+def end_to_end(device, quick: bool, work: Path, reuse_cases: bool = False) -> list:
     import torch
     from harness import run_method  # noqa: F401  (same cases as the scaling suite)
     from scaling import make_size_case, random_network
+    from samir.encoders import build_encoder
     from samir.io import read_image
     from samir.register import RegistrationOptions, register
     rows = []
     network = random_network(work / "scaling" / "random_network.pt")
     for size in (("acdc",) if quick else ("acdc", "brain")):
-        case = make_size_case(size, work)
+        case = make_size_case(size, work, reuse=reuse_cases)
         fixed, moving = read_image(case.fixed, "fixed"), read_image(case.moving, "moving")
         configs = {"zero-shot fast": RegistrationOptions(preset="fast", device=str(device), use_cache=False),
                    "zero-shot balanced": RegistrationOptions(preset="balanced", device=str(device), use_cache=False),
@@ -118,19 +123,30 @@ def end_to_end(device, quick: bool, work: Path) -> list:
         if quick:
             configs = {"zero-shot fast": RegistrationOptions(preset="fast", device=str(device), use_cache=False,
                                                              optimizer={"iterations": (3,)})}
+        if not quick:
+            if size == "brain":
+                configs["zero-shot accurate"] = RegistrationOptions(preset="accurate", device=str(device), use_cache=False)
+            # the encoder built once and passed in, as a program registering many pairs would
+            configs["network (random weights), encoder loaded once"] = configs["network (random weights)"]
+            # the same optimisation with every step launched from Python (before/after CUDA graphs)
+            configs["zero-shot balanced, no CUDA graphs"] = configs["zero-shot balanced"]
+        encoder = build_encoder("litemedsam")
         for name, options in configs.items():
-            register(fixed, moving, options)  # warm-up: CUDA context, kernels, encoder weights
+            os.environ["SAMIR_CUDA_GRAPHS"] = "0" if "no CUDA graphs" in name else "1"
+            given = {"encoder": encoder} if "loaded once" in name else {}
+            register(fixed, moving, options, **given)  # warm-up: CUDA context, kernels, encoder weights
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             synchronize(device)
             start = time.perf_counter()
-            result = register(fixed, moving, options)
+            result = register(fixed, moving, options, **given)
             synchronize(device)
             rows.append({"case": size, "grid": case.description, "configuration": name,
                          "seconds": time.perf_counter() - start,
                          **{f"{k}": v for k, v in result.timings.items()},
                          "device_peak_gb": (torch.cuda.max_memory_allocated(device) / 2 ** 30
                                             if device.type == "cuda" else None)})
+    os.environ.pop("SAMIR_CUDA_GRAPHS", None)
     return rows
 
 
@@ -140,6 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "samir_bench")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--reuse-cases", action="store_true", help="keep size pairs already in --work/scaling")
     args = parser.parse_args(argv)
     import torch
     device = torch.device(args.device)
@@ -149,7 +166,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     encoder_rows, encoder_info = encoder_throughput(device, args.quick)
     forward_rows = network_forward(device, args.quick)
-    e2e_rows = end_to_end(device, args.quick, args.work)
+    e2e_rows = end_to_end(device, args.quick, args.work, args.reuse_cases)
     best = max(encoder_rows, key=lambda r: r["slices_per_s"])
     md = "\n".join([
         header(f"GPU benchmark — {name}", torch.get_num_threads(), "quick check, not a measurement" if args.quick else ""),

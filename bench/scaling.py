@@ -72,19 +72,25 @@ def fit_to_grid(volume, shape_zyx, spacing_zyx):
     return from_sitk(out, volume.name)
 
 
-def make_size_case(size: str, work: Path) -> Case:
+def make_size_case(size: str, work: Path, reuse: bool = False) -> Case:
+    """The size's fixed/moving pair under ``work/scaling/SIZE`` (``reuse``: keep one already written there, e.g.
+    copied to a GPU machine that lacks the source images' packages)."""
     import torch
     from samir.demo import random_smooth_displacement
     from samir.spatial import warp
     shape, spacing = SIZES[size]
+    description = f"{'x'.join(map(str, shape))} voxels at {'x'.join(f'{s:g}' for s in spacing)} mm"
+    case_dir = work / "scaling" / size
+    if reuse and (case_dir / "fixed.nii.gz").exists() and (case_dir / "moving.nii.gz").exists():
+        print(f"{size}: reusing the pair in {case_dir}", flush=True)
+        return Case(f"scaling_{size}", case_dir / "fixed.nii.gz", case_dir / "moving.nii.gz", description=description)
     fixed = fit_to_grid(source_image(size), shape, spacing)
     array = fixed.array.astype(np.float32)
     fixed = fixed.with_array(np.clip(array / max(float(np.percentile(array, 99.5)), 1e-6), 0, 1))
     d = random_smooth_displacement(fixed.shape, fixed.spacing_zyx, WARP_MAX_MM, control_points=6, seed=1)
     moved = warp(torch.from_numpy(fixed.array)[None, None], inverse_field(d))[0, 0].numpy()
-    paths = save_case_volumes(work / "scaling" / size, fixed, fixed.with_array(moved))
-    return Case(f"scaling_{size}", paths["fixed"], paths["moving"],
-                description=f"{'x'.join(map(str, shape))} voxels at {'x'.join(f'{s:g}' for s in spacing)} mm")
+    paths = save_case_volumes(case_dir, fixed, fixed.with_array(moved))
+    return Case(f"scaling_{size}", paths["fixed"], paths["moving"], description=description)
 
 
 def random_network(path: Path) -> Path:
@@ -115,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     add_run_arguments(parser, reuse_peers=False)
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. the GPU's name)")
+    parser.add_argument("--reuse-cases", action="store_true", help="keep size pairs already in --work/scaling")
     parser.add_argument("--rerender", type=Path, metavar="JSON",
                         help="only rewrite the markdown of an earlier result (e.g. bench/results/scaling.json)")
     args = parser.parse_args(argv)
@@ -124,7 +131,7 @@ def main(argv=None) -> int:
     rows = []
     network = None
     for size in args.sizes.split(","):
-        case = make_size_case(size, args.work)
+        case = make_size_case(size, args.work, reuse=args.reuse_cases)
         for config in args.configs.split(","):
             extra = []
             if config == "network":

@@ -134,7 +134,7 @@ def encode_volume(volume01: np.ndarray, encoder: SliceEncoder, axis: int, device
             if side != k:
                 batch = F.interpolate(batch, size=(k, k), mode="bilinear", align_corners=False, antialias=side > k)
             batch = batch.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
-            out[idx] = encoder(batch).float().cpu().to(torch.float16)
+            out[idx] = encoder(batch).to(torch.float16).cpu()  # half the transfer, no conversion on the host
             if progress:
                 progress(min(1.0, (start + len(idx)) / len(todo)))
     if bool(empty.any()):

@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .stepper import device_constant
+
 
 def _box_sum(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
     for dim, size in enumerate(window):
@@ -98,14 +100,13 @@ def diffusion_loss(u: torch.Tensor, spacing_zyx: Optional[Sequence[float]] = Non
 
     ``u`` is in voxels of its grid with voxel size ``spacing_zyx`` (isotropic 1 if omitted).
     """
-    spacing = torch.ones(3, device=u.device, dtype=u.dtype) if spacing_zyx is None else \
-        torch.as_tensor(spacing_zyx, device=u.device, dtype=u.dtype)
-    physical = u * spacing.view(1, 3, 1, 1, 1)
+    spacing_values = [1.0, 1.0, 1.0] if spacing_zyx is None else [float(s) for s in spacing_zyx]
+    physical = u * device_constant(spacing_values, u.device, u.dtype).view(1, 3, 1, 1, 1)
     total = 0.0
     for dim in range(3):
         if u.shape[2 + dim] < 2:
             continue
-        d = torch.diff(physical, dim=2 + dim) / spacing[dim]
+        d = torch.diff(physical, dim=2 + dim) / spacing_values[dim]
         total = total + d.pow(2).mean()
     return total
 

@@ -248,7 +248,8 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
             fixed.with_array(fixed01), moving.with_array(normalize_intensity(moving.array, norm)), options.alignment,
             None if fixed_mask_np is None else fixed.with_array(fixed_mask_np.astype(np.float32)),
             None if moving_mask is None else resample_into(moving_mask, moving, labels=True),
-            progress=lambda f: report("align", f))  # on the CPU: small grids, float64 maps (no float64 on MPS)
+            device=device if device.type == "cuda" else torch.device("cpu"),  # float64 maps: none on MPS
+            progress=lambda f: report("align", f))
         timings["align_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
     report("resample", 0.0)
@@ -336,10 +337,11 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     used_device = [device]
     u, levels = run_with_oom_fallback(compute_field, device, 1, "registration", notes)
     device = used_device[0]
-    u = u.detach().float().cpu()
+    u = u.detach().float()
     if alignment.used:
         u = compose_with_affine(u, alignment.matrix, fixed)
-    jac = jacobian_determinant(u)[0].numpy()
+    jac = jacobian_determinant(u)[0].cpu().numpy()
+    u = u.cpu()
     info = {
         "mode": options.mode, "encoder": encoder.describe() if encoder is not None else None,
         "network": model.describe() if model is not None else None, "refine_iterations": options.refine_iterations,

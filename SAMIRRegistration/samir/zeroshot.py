@@ -36,7 +36,8 @@ from .intensity import (MIN_MAP_NONLINEARITY, apply_monotone_map, joint_statisti
                         symmetric_monotone_map)
 from .losses import LocalNCC, diffusion_loss, feature_loss, mind_loss, mind_ssc, ncc_window
 from .pyramid import pyramid_shapes
-from .spatial import compose, integrate, resize_field, resize_volume, warp
+from .spatial import compose, gaussian_smooth, integrate, resize_field, resize_volume, warp
+from .stepper import RepeatedStep, adam
 
 
 CONTENT_THRESHOLD = 0.02  # normalised intensity above which a voxel is not background
@@ -96,26 +97,6 @@ class LevelReport:
     intensity_mapped: bool = False  # the moving intensities went through the joint intensity map
     noise_smoothing_mm: float = 0.0  # Gaussian sigma both images were smoothed with against noise
     noise_std: float = 0.0  # the noisier image's estimated noise (full resolution, [0, 1] intensities)
-
-
-def gaussian_smooth(x: torch.Tensor, sigma: Union[float, Sequence[float]]) -> torch.Tensor:
-    """Separable Gaussian of ``sigma`` voxels (one value, or one per axis z, y, x), replicate padding."""
-    sigmas = [float(sigma)] * 3 if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
-    channels = x.shape[1]
-    for dim, sigma_d in enumerate(sigmas):
-        radius = max(1, int(round(2 * sigma_d)))
-        if sigma_d <= 0.05 or x.shape[2 + dim] <= 2 * radius:
-            continue
-        t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-        kernel = torch.exp(-0.5 * (t / sigma_d) ** 2)
-        kernel = kernel / kernel.sum()
-        shape = [1, 1, 1]
-        shape[dim] = kernel.numel()
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = radius
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), kernel.view(1, 1, *shape).expand(channels, 1, *shape),
-                     groups=channels)
-    return x
 
 
 def content_region(image: torch.Tensor) -> torch.Tensor:
@@ -301,10 +282,7 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
         def level_increment(v: torch.Tensor) -> torch.Tensor:
             return resize_field(integrate(gaussian_smooth(v, settings.velocity_sigma), steps), shape)
 
-        optimizer = torch.optim.Adam([velocity], lr=settings.learning_rate)
-        best, stall, loss_value, it = float("inf"), 0, float("nan"), 0
-        for it in range(1, n_iter + 1):
-            optimizer.zero_grad(set_to_none=True)
+        def level_loss() -> torch.Tensor:
             increment = level_increment(velocity)
             u_l = compose(u_prev, increment)
             mask = fm_l
@@ -321,10 +299,12 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
                     loss = loss + settings.feature_weight * feature_ncc(warp(mf_l, u_l).transpose(0, 1), feature_mask)
                 else:
                     loss = loss + settings.feature_weight * feature_loss(ff_l, warp(mf_l, u_l), feature_mask)
-            loss = loss + smoothness * diffusion_loss(increment if settings.regularise_increment else u_l, spacing_l)
-            loss.backward()
-            optimizer.step()
-            loss_value = float(loss.detach())
+            return loss + smoothness * diffusion_loss(increment if settings.regularise_increment else u_l, spacing_l)
+
+        step = RepeatedStep(level_loss, adam([velocity], device, lr=settings.learning_rate), device)
+        best, stall, loss_value, it = float("inf"), 0, float("nan"), 0
+        for it in range(1, n_iter + 1):
+            loss_value = float(step.step())
             if loss_value < best - settings.tolerance:
                 best, stall = loss_value, 0
             else:

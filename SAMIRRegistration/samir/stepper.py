@@ -1,0 +1,102 @@
+"""Repeated optimisation steps, replayed as one CUDA graph on a GPU.
+
+Instance optimisation (the zero-shot pyramid, the affine pre-alignment) runs the same small step --
+forward, backward, Adam update -- tens to hundreds of times on tensors whose shapes do not change. On
+a GPU such a step is a few hundred small kernels, and launching them one by one from Python costs more
+than running them. :class:`RepeatedStep` runs the first steps eagerly (they warm up the libraries'
+handles), then records one step as a CUDA graph and replays it: one launch per step. On a CPU, with
+``SAMIR_CUDA_GRAPHS=0``, or where recording fails, every step runs eagerly; the arithmetic is the same.
+
+A step function must not read values back to the host (no ``float(tensor)``, no branches on data)
+and must build no new tensors from host data: constants come from :func:`device_constant`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+
+WARMUP_STEPS = 1  # eager steps before recording (lazily created library handles, allocator pools)
+
+
+def graphs_enabled(device: torch.device) -> bool:
+    """CUDA graphs on a CUDA device unless ``SAMIR_CUDA_GRAPHS=0``."""
+    return device.type == "cuda" and os.environ.get("SAMIR_CUDA_GRAPHS", "1") != "0"
+
+
+def adam(params, device: torch.device, **kwargs) -> torch.optim.Adam:
+    """Adam whose step can be recorded in a CUDA graph where :func:`graphs_enabled`."""
+    return torch.optim.Adam(params, capturable=graphs_enabled(device), **kwargs)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False):  # made under inference mode it could not join a later backward pass
+        return torch.tensor(values, device=device, dtype=dtype)
+
+
+def device_constant(values: Sequence[float], device, dtype=torch.float32) -> torch.Tensor:
+    """A small constant tensor on ``device``, made once: no host-to-device copy inside a recorded step."""
+    return _cached_constant(tuple(float(v) for v in values), torch.device(device), dtype)
+
+
+class RepeatedStep:
+    """``step()`` runs ``loss_fn()``, its backward pass and ``optimizer.step()``; returns the loss (detached).
+
+    The returned tensor is the same object at every replay of a recorded step: read it before the next
+    call. ``recorded`` says whether steps are being replayed from a CUDA graph."""
+
+    def __init__(self, loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer,
+                 device: torch.device, use_graph: Optional[bool] = None):
+        self.loss_fn, self.optimizer = loss_fn, optimizer
+        self.use_graph = graphs_enabled(device) if use_graph is None else use_graph
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.loss: Optional[torch.Tensor] = None
+        self.eager_steps = 0
+        self.failure = ""
+
+    @property
+    def recorded(self) -> bool:
+        return self.graph is not None
+
+    def _eager(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn()
+        loss.backward()
+        self.optimizer.step()
+        self.eager_steps += 1
+        return loss.detach()
+
+    def _record(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = self.loss_fn()
+            loss.backward()
+            self.optimizer.step()
+            self.loss = loss.detach()
+        self.graph = graph
+
+    def step(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss
+        if not self.use_graph:
+            return self._eager()
+        if self.eager_steps < WARMUP_STEPS:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self._eager()
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        try:
+            self._record()
+        except RuntimeError as exc:  # an operation that cannot be recorded: carry on eagerly
+            self.graph, self.use_graph, self.failure = None, False, str(exc).splitlines()[0]
+            torch.cuda.synchronize()
+            return self._eager()
+        self.graph.replay()
+        return self.loss
