@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .geometry import Volume, index_to_world, world_points_of_grid, world_to_index
 from .losses import LocalNCC, ncc_window
 from .spatial import gaussian_smooth
-from .stepper import RepeatedStep, adam
+from .stepper import Adam, RepeatedStep
 
 ALIGNMENT_MODES = ("affine", "rigid", "none")
 GRID_VOXELS = (32 ** 3, 64 ** 3)  # voxels of the alignment grids, coarse to fine
@@ -179,8 +179,8 @@ def _optimise(level: _Level, log_linear: torch.Tensor, translation: torch.Tensor
     device = level.fixed.device
     log_linear = log_linear.clone().requires_grad_(True)
     translation = translation.clone().requires_grad_(True)
-    optimizer = adam([{"params": [translation], "lr": 0.25 * level.spacing_mm},
-                      {"params": [log_linear], "lr": linear_rate}], device)
+    optimizer = Adam([{"params": [translation], "lr": 0.25 * level.spacing_mm},
+                      {"params": [log_linear], "lr": linear_rate}])
     generator = (lambda: 0.5 * (log_linear - log_linear.T)) if rigid else (lambda: log_linear)
     step = RepeatedStep(lambda: level.loss(affine_matrix(generator(), translation, centre)), optimizer, device)
     best, best_state, stall, it = float("inf"), None, 0, 0

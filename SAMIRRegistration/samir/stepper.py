@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,9 +26,45 @@ def graphs_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("SAMIR_CUDA_GRAPHS", "1") != "0"
 
 
-def adam(params, device: torch.device, **kwargs) -> torch.optim.Adam:
-    """Adam whose step can be recorded in a CUDA graph where :func:`graphs_enabled`."""
-    return torch.optim.Adam(params, capturable=graphs_enabled(device), **kwargs)
+class Adam:
+    """Adam (Kingma and Ba, 2015) computed as ``torch.optim.Adam`` computes it, written out.
+
+    ``torch.optim``'s first step imports ``torch._dynamo``, which took 6.5 s on the GPU machine (1.2 s
+    here): a fresh ``samir register`` process paid it before its first result. The step count is a
+    tensor on the parameters' device, so a step can be recorded in a CUDA graph."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        groups = list(params)
+        groups = groups if groups and isinstance(groups[0], dict) else [{"params": groups}]
+        self.param_groups = [{"params": list(g["params"]), "lr": float(g.get("lr", lr))} for g in groups]
+        self.betas, self.eps = betas, eps
+        self.state: Dict[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        beta1, beta2 = self.betas
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p not in self.state:
+                    self.state[p] = (torch.zeros((), device=p.device, dtype=p.dtype), torch.zeros_like(p),
+                                     torch.zeros_like(p))
+                count, first, second = self.state[p]
+                count.add_(1)
+                first.lerp_(p.grad, 1 - beta1)
+                second.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                step_size = group["lr"] / (1 - beta1 ** count)
+                denominator = (second.sqrt() / (1 - beta2 ** count).sqrt()).add_(self.eps)
+                p.sub_(step_size * first / denominator)
 
 
 @functools.lru_cache(maxsize=512)
@@ -48,7 +84,7 @@ class RepeatedStep:
     The returned tensor is the same object at every replay of a recorded step: read it before the next
     call. ``recorded`` says whether steps are being replayed from a CUDA graph."""
 
-    def __init__(self, loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer,
+    def __init__(self, loss_fn: Callable[[], torch.Tensor], optimizer: "Adam",
                  device: torch.device, use_graph: Optional[bool] = None):
         self.loss_fn, self.optimizer = loss_fn, optimizer
         self.use_graph = graphs_enabled(device) if use_graph is None else use_graph

@@ -37,7 +37,7 @@ from .intensity import (MIN_MAP_NONLINEARITY, apply_monotone_map, joint_statisti
 from .losses import LocalNCC, diffusion_loss, feature_loss, mind_loss, mind_ssc, ncc_window
 from .pyramid import pyramid_shapes
 from .spatial import compose, gaussian_smooth, integrate, resize_field, resize_volume, warp
-from .stepper import RepeatedStep, adam
+from .stepper import Adam, RepeatedStep
 
 
 CONTENT_THRESHOLD = 0.02  # normalised intensity above which a voxel is not background
@@ -301,7 +301,7 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
                     loss = loss + settings.feature_weight * feature_loss(ff_l, warp(mf_l, u_l), feature_mask)
             return loss + smoothness * diffusion_loss(increment if settings.regularise_increment else u_l, spacing_l)
 
-        step = RepeatedStep(level_loss, adam([velocity], device, lr=settings.learning_rate), device)
+        step = RepeatedStep(level_loss, Adam([velocity], lr=settings.learning_rate), device)
         best, stall, loss_value, it = float("inf"), 0, float("nan"), 0
         for it in range(1, n_iter + 1):
             loss_value = float(step.step())
