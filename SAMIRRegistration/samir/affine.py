@@ -171,7 +171,7 @@ class _Level:
         # blank or mismatched borders) must not gain by it
         loss = 1.0 - (1.0 - self.ncc(warped, mask)) * covered / self.reference_count
         # hardly any overlap: no information, the worst loss (NO_OVERLAP_LOSS) and no gradient
-        return torch.where(covered < 0.05 * self.reference_count, torch.ones_like(loss), loss)
+        return torch.where(covered < 0.05 * self.reference_count, torch.full_like(loss, NO_OVERLAP_LOSS), loss)
 
 
 def _optimise(level: _Level, log_linear: torch.Tensor, translation: torch.Tensor, centre: torch.Tensor,
