@@ -62,9 +62,9 @@ class Adam:
                 count.add_(1)
                 first.lerp_(p.grad, 1 - beta1)
                 second.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                step_size = group["lr"] / (1 - beta1 ** count)
-                denominator = (second.sqrt() / (1 - beta2 ** count).sqrt()).add_(self.eps)
-                p.sub_(step_size * first / denominator)
+                # p -= lr / (1 - beta1^t) * first / (sqrt(second / (1 - beta2^t)) + eps), in place
+                denominator = second.sqrt().div_((1 - beta2 ** count).sqrt()).add_(self.eps)
+                p.addcdiv_(first, denominator.mul_((1 - beta1 ** count) / group["lr"]), value=-1.0)
 
 
 @functools.lru_cache(maxsize=512)
