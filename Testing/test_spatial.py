@@ -120,3 +120,14 @@ def test_cell_centred_pyramid_convention():
     assert torch.allclose(small[0, 0, 0, 0], expected)
     big = resize_volume(small, shape)
     assert torch.allclose(big[0, 0, 0, 0, 2:-2], w[0, 0, 2:-2], atol=1e-4)
+
+
+def test_gaussian_smooth_gives_the_same_numbers_with_and_without_a_gradient():
+    """Without a gradient a CPU smooths by shifted sums, with one by convolution: the same result."""
+    from samir.spatial import gaussian_smooth
+    x = torch.rand(1, 2, 20, 22, 18, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        shifted = gaussian_smooth(x, [1.0, 0.6, 2.0])
+    convolved = gaussian_smooth(x.clone().requires_grad_(True), [1.0, 0.6, 2.0])
+    torch.testing.assert_close(shifted, convolved.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(shifted.mean(), x.mean(), atol=1e-2)  # a normalised kernel, replicate borders
