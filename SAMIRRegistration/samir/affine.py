@@ -101,9 +101,10 @@ def centre_of_mass(image01: torch.Tensor, volume: Volume) -> np.ndarray:
     """Intensity-weighted centre (LPS mm) of the voxels above :data:`CONTENT_FRACTION` (``image01``:
     ``(1, 1, D, H, W)`` on ``volume``'s grid)."""
     weights = torch.where(image01 > CONTENT_FRACTION, image01, 0.0)[0, 0].double()
-    if float(weights.sum()) <= 0:
-        weights = torch.ones_like(weights)
     total = weights.sum()
+    if float(total) <= 0:
+        weights = torch.ones_like(weights)
+        total = weights.sum()
     index_zyx = [float((weights.sum(dim=tuple(a for a in range(3) if a != axis))
                         * torch.arange(n, dtype=weights.dtype, device=weights.device)).sum() / total)
                  for axis, n in enumerate(weights.shape)]

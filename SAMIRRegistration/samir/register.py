@@ -36,7 +36,6 @@ ProgressFn = Optional[Callable[[str, float], None]]
 # then ends with a full-resolution velocity compared on the full-resolution images, for small structures:
 # 2 squaring steps keep it invertible at about half the cost of 7, and a lighter smoothness there measured
 # better on the real brain pair (Dice 0.796 vs 0.789, folding 0.009 %) without touching the coarser levels.
-
 PRESETS: Dict[str, dict] = {
     "fast": dict(max_voxels=300_000, iterations=(60, 50, 40, 40, 30)),
     "balanced": dict(max_voxels=1_500_000, iterations=(80, 80, 60, 50, 40)),

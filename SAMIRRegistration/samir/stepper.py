@@ -13,10 +13,13 @@ and must build no new tensors from host data: constants come from :func:`device_
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+
+log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 1  # eager steps before recording (lazily created library handles, allocator pools)
 
@@ -40,13 +43,10 @@ class Adam:
         self.betas, self.eps = betas, eps
         self.state: Dict[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                if set_to_none:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad.zero_()
+                p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:
@@ -98,7 +98,7 @@ class RepeatedStep:
         return self.graph is not None
 
     def _eager(self) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         loss = self.loss_fn()
         loss.backward()
         self.optimizer.step()
@@ -106,7 +106,7 @@ class RepeatedStep:
         return loss.detach()
 
     def _record(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             loss = self.loss_fn()
@@ -132,6 +132,7 @@ class RepeatedStep:
             self._record()
         except RuntimeError as exc:  # an operation that cannot be recorded: carry on eagerly
             self.graph, self.use_graph, self.failure = None, False, str(exc).splitlines()[0]
+            log.warning("optimisation step not recorded as a CUDA graph (%s); running it step by step", self.failure)
             torch.cuda.synchronize()
             return self._eager()
         self.graph.replay()
