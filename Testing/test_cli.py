@@ -6,6 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from samir.cli import main
+from samir.geometry import SAMIRInputError
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,9 @@ def test_histogram_matching_and_the_intensity_map_are_set_on_the_command_line():
     assert parse("--no-intensity-map").settings().joint_intensity_map is False
     assert parse().settings().noise_smoothing is True
     assert parse("--no-noise-smoothing").settings().noise_smoothing is False
+    assert parse().settings().ssd_weight == 0.5 and parse("--ssd-weight", "0").settings().ssd_weight == 0
+    with pytest.raises(SAMIRInputError, match="must not be negative"):
+        parse("--ssd-weight", "-1").settings()
 
 
 def test_written_transform_reproduces_the_warped_image_in_simpleitk(cli_run, demo_files):

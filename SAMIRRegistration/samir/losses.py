@@ -1,4 +1,5 @@
-"""Registration losses: local NCC, hierarchical feature consistency, soft Dice, diffusion."""
+"""Registration losses: local NCC, squared intensity difference, hierarchical feature consistency, soft Dice,
+diffusion."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -69,6 +70,15 @@ def local_ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: Sequence[i
 
     Gradients flow into ``warped`` only (``fixed`` is the reference)."""
     return LocalNCC(fixed, window, eps)(warped, mask)
+
+
+def intensity_difference_loss(fixed: torch.Tensor, warped: torch.Tensor, scale: float,
+                              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared intensity difference divided by ``scale`` (e.g. the fixed image's variance)."""
+    diff = (fixed - warped).pow(2)
+    if mask is None:
+        return diff.mean() / scale
+    return (diff * mask).sum() / (mask.expand_as(diff).sum().clamp_min(1.0) * scale)
 
 
 def feature_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -87,6 +87,9 @@ class RegistrationOptions:
         settings = OptimizerSettings(**values)
         if not 1 <= settings.finest_level <= settings.levels:
             raise SAMIRInputError(f"finest level {settings.finest_level} must be between 1 and levels = {settings.levels}")
+        if settings.ssd_weight < 0 or settings.ssd_gain_sigma_mm < 0:
+            raise SAMIRInputError(f"the squared-difference weight and its gain's Gaussian must not be negative, got"
+                                  f" {settings.ssd_weight} and {settings.ssd_gain_sigma_mm} mm")
         return settings
 
     def validate(self) -> None:
