@@ -47,6 +47,10 @@ def test_histogram_matching_and_the_intensity_map_are_set_on_the_command_line():
     assert parse().settings().ssd_weight == 0.5 and parse("--ssd-weight", "0").settings().ssd_weight == 0
     with pytest.raises(SAMIRInputError, match="must not be negative"):
         parse("--ssd-weight", "-1").settings()
+    assert parse().settings().noise_smoothness_factor == 4.0
+    assert parse("--noise-smoothness-factor", "1").settings().noise_smoothness_factor == 1.0
+    with pytest.raises(SAMIRInputError, match="noise smoothness factor .* at least 1"):
+        parse("--noise-smoothness-factor", "0.5").settings()
 
 
 def test_written_transform_reproduces_the_warped_image_in_simpleitk(cli_run, demo_files):

@@ -339,7 +339,7 @@ def test_engine_command_line_carries_every_setting(tmp_path):
             options.alignment) == (True, False, 512, 3, "ct", "affine")
     assert options.optimizer == {"levels": 4, "finest_level": None, "iterations": (10, 20), "smoothness": 0.5,
                                  "feature_weight": None, "joint_intensity_map": None, "noise_smoothing": None,
-                                 "ssd_weight": None}
+                                 "ssd_weight": None, "noise_smoothness_factor": None}
     assert zeroshot.stages() == ["align", "resample", "load encoder", "encode fixed", "encode moving", "optimise",
                                  "write outputs"]
     trained = EngineSettings(mode="network", network_weights=str(network), refine_iterations=5)

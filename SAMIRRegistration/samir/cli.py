@@ -86,6 +86,9 @@ def add_registration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ssd-weight", type=float,
                         help="zero-shot with ncc: weight of the squared difference of the fixed and the intensity-mapped,"
                              " bias-corrected moving image beside local NCC (default 0.5; 0 turns it off)")
+    parser.add_argument("--noise-smoothness-factor", type=float,
+                        help="zero-shot with ncc: the diffusion weight of a pyramid level rises with its estimated"
+                             " noise up to this many times the smoothness (default 4; 1 keeps it constant)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--normalization", default="auto", choices=NORMALIZATIONS,
                         help="intensity normalisation: mr = percentile clip, ct = HU window [-500, 800]")
@@ -124,7 +127,8 @@ def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
         optimizer={"levels": args.levels, "finest_level": args.finest_level, "iterations": args.iterations,
                    "smoothness": args.smoothness, "feature_weight": args.feature_weight,
                    "joint_intensity_map": False if args.no_intensity_map else None,
-                   "noise_smoothing": False if args.no_noise_smoothing else None, "ssd_weight": args.ssd_weight})
+                   "noise_smoothing": False if args.no_noise_smoothing else None, "ssd_weight": args.ssd_weight,
+                   "noise_smoothness_factor": args.noise_smoothness_factor})
 
 
 def build_parser() -> argparse.ArgumentParser:

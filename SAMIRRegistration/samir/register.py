@@ -90,6 +90,9 @@ class RegistrationOptions:
         if settings.ssd_weight < 0 or settings.ssd_gain_sigma_mm < 0:
             raise SAMIRInputError(f"the squared-difference weight and its gain's Gaussian must not be negative, got"
                                   f" {settings.ssd_weight} and {settings.ssd_gain_sigma_mm} mm")
+        if settings.noise_smoothness_factor < 1:
+            raise SAMIRInputError(f"the noise smoothness factor multiplies the diffusion weight at noisy levels and must"
+                                  f" be at least 1 (1: constant), got {settings.noise_smoothness_factor}")
         return settings
 
     def validate(self) -> None:
