@@ -295,7 +295,7 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
         f_l, m_l = resize_volume(fixed, shape), resize_volume(moving, shape)
         strength = noise_strength(noise / math.sqrt(math.prod(full_shape) / math.prod(shape)), settings)
         smoothing_mm = min(settings.noise_smoothing_max_mm, min(spacing_l) * strength) if smooth_noise else 0.0
-        smoothness = smoothness * (1 + (settings.noise_smoothness_factor - 1) * strength)
+        level_smoothness = smoothness * (1 + (settings.noise_smoothness_factor - 1) * strength)
         if smoothing_mm > 0:  # the same physical width on every axis, so thick slices are hardly smoothed across
             f_l, m_l = (gaussian_smooth(x, [smoothing_mm / s for s in spacing_l]) for x in (f_l, m_l))
         fm_l = None if fixed_mask is None else (resize_volume(fixed_mask, shape) > 0.5).float()
@@ -357,7 +357,7 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
                     loss = loss + settings.feature_weight * feature_ncc(warp(mf_l, u_l).transpose(0, 1), feature_mask)
                 else:
                     loss = loss + settings.feature_weight * feature_loss(ff_l, warp(mf_l, u_l), feature_mask)
-            return loss + smoothness * diffusion_loss(increment if settings.regularise_increment else u_l, spacing_l)
+            return loss + level_smoothness * diffusion_loss(increment if settings.regularise_increment else u_l, spacing_l)
 
         step = RepeatedStep(level_loss, Adam([velocity], lr=settings.learning_rate), device)
         best, stall, loss_value, it = float("inf"), 0, float("nan"), 0
@@ -375,7 +375,7 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
         with torch.no_grad():
             u = compose(u_prev, level_increment(velocity))
         reports.append(LevelReport(level, shape, it, loss_value, intensity_mapped,
-                                   round(float(smoothing_mm), 3), round(noise, 4), round(smoothness, 4)))
+                                   round(float(smoothing_mm), 3), round(noise, 4), round(level_smoothness, 4)))
         if progress:
             progress(done / total_iterations)
     with torch.no_grad():
