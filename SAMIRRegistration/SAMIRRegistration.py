@@ -3,19 +3,24 @@
 Panel (Resources/UI/SAMIRRegistration.ui, bound to the parameter node with SlicerParameterName)
 -> module logic (this file: dependencies, weights, Slicer views) -> MRML bridge
 (SAMIRRegistrationLib: nodes <-> engine, engine process, outputs into the scene) -> engine (samir),
-which runs in a separate PythonSlicer process so that the application stays responsive and never
-imports torch itself.
+which runs in a separate PythonSlicer process so that the application stays responsive while it
+registers. (torch enters the application's own process only through the PyTorch extension, which
+imports it to check and install it.)
+
+Needs 3D Slicer 5.10 or later (Python 3.12). At Slicer start-up this file imports only the engine's
+option names (pure Python); numpy, SimpleITK, the bridge and the engine are imported when the module
+is first used, so a broken package cannot hide the module and start-up stays fast.
 """
 import importlib
 import logging
 import os
 import pathlib
+import sys
 from typing import Annotated, Callable, Optional
 
 import qt
 import slicer
 import vtk
-from SAMIRRegistrationLib.engine_runner import ALIGNMENTS, DEVICES, ENCODERS, MODES, PRESETS, EngineSettings, RunState
 from slicer import vtkMRMLGridTransformNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLSequenceNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -31,6 +36,26 @@ try:
 except ImportError:  # Slicer before 5.4 has no translation support
     def _(text: str) -> str:
         return text
+
+MODULE_FOLDER = pathlib.Path(__file__).resolve().parent
+
+
+def useBundledEngine(folder: pathlib.Path = MODULE_FOLDER) -> None:
+    """Make ``import samir`` find the engine shipped beside this file, not a package of the same name
+    installed in Slicer's Python (``samir`` is a common name; site-packages comes first on the path)."""
+    loaded = sys.modules.get("samir")
+    if loaded is not None:
+        origin = pathlib.Path(getattr(loaded, "__file__", "") or ".").resolve().parent.parent
+        if origin != folder:
+            raise ImportError(f"another Python package named 'samir' ({loaded.__file__}) is already loaded in"
+                              f" Slicer's Python; SAMIR's engine is in {folder / 'samir'}. Uninstall the other"
+                              " package (slicer.util.pip_uninstall('samir')) and restart Slicer.")
+    if not sys.path or pathlib.Path(sys.path[0]).resolve() != folder:
+        sys.path.insert(0, str(folder))
+
+
+useBundledEngine()
+from samir.options import ALIGNMENTS, DEVICES, ENCODERS, MODES, PRESETS  # noqa: E402 - after the path fix
 
 INPUT_PAIR = "volume pair"
 INPUT_SEQUENCE = "4D sequence"
@@ -65,13 +90,16 @@ SAMIR: a coarse-to-fine pyramid of velocity fields, optimised zero-shot for the 
 by a trained SAMIR network), optionally guided by the features of a frozen Segment-Anything image
 encoder (LiteMedSAM bundled; SAM ViT-B/L/H and MedSAM downloaded on demand).
 <br><br>
+Needs 3D Slicer 5.10 or later (Python 3.12); Slicer 5.8 and earlier bundle Python 3.9, which the
+engine's packages do not support.
+<br><br>
 Outputs: a displacement-field transform (the moving volume placed under it lands on the fixed volume;
 it can be saved as an ITK .h5 file), the warped moving volume, the moving segmentation propagated onto
 the fixed volume (or onto every frame of the sequence), and a Jacobian-determinant map. SDlogJ and the
 share of folding voxels are reported after each run.
 <br><br>
 The engine runs in a separate process: the first run may offer to install PyTorch (PyTorch extension)
-and a few Python packages. See the <a href="https://github.com/samir-registration/SAMIR#3d-slicer-extension">
+and a few Python packages. See the <a href="https://github.com/samir-registration/SlicerSAMIR#3d-slicer-extension">
 documentation</a>.
 <br><br>
 If you use SAMIR, please cite: {citation}
@@ -96,7 +124,7 @@ class SAMIRRegistrationParameterNode:
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
     movingSequence: vtkMRMLSequenceNode
-    referenceFrame: Annotated[int, WithinRange(0, 9999)] = 0
+    referenceFrame: int = 0  # no range here: connectGui would impose it; the range follows the sequence
     propagation: Annotated[str, Choice([PROPAGATE_TO_REFERENCE, PROPAGATE_CHAINED])] = PROPAGATE_TO_REFERENCE
     movingSegmentation: vtkMRMLSegmentationNode
     outputTransform: vtkMRMLGridTransformNode
@@ -187,6 +215,8 @@ class SAMIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onSceneStartClose(self, caller, event) -> None:
         if self.logic.isRunning:
             self.logic.cancel()
+        if self._lastResult:
+            self.logic.endTransformPreview(self._lastResult[1])
         self._lastResult = None
         self._setResultControlsEnabled(False)
         self.setParameterNode(None)
@@ -211,6 +241,7 @@ class SAMIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUI)
+            self.onMovingSequenceChanged(self._parameterNode.movingSequence)
             self._updateGUI()
 
     # -- panel state ------------------------------------------------------------------------------
@@ -284,38 +315,55 @@ class SAMIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             slicer.app.processEvents()
             self.logic.cancel()  # kills the engine process tree; onCompleted restores the button
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
-            if not self.logic.setupPythonRequirements(askConfirmation=True):
-                self.addLog(_("Python packages were not installed; nothing was run."))
-                return
-            settings = self.logic.engineSettings(self._parameterNode, self.ui.networkWeightsPathLineEdit.currentPath,
-                                                 self.ui.encoderWeightsPathLineEdit.currentPath)
-            if not self.ensureEncoderWeights(settings):
-                return
-            self.ui.logTextEdit.clear()
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.show()
-            self.ui.statusLabel.text = _("Starting...")
-            self._clearResultDisplay()
-            parameters = self._parameterNode
+        started = False
+        try:
+            # no wait cursor over this block: it asks questions and shows download and pip dialogs
+            with slicer.util.tryWithErrorDisplay(_("Failed to start the registration.")):
+                started = self.startRun()
+        except Exception:  # shown to the user by tryWithErrorDisplay; the panel is restored below
+            logging.exception("SAMIR: the registration did not start")
+        if not started:
+            self.ui.progressBar.hide()
+            self.ui.statusLabel.text = _("Not started.")
+            if self._lastResult:  # the previous result is still the one shown
+                self.onComparisonChanged()
+        self._updateApplyButton()
+
+    def startRun(self) -> bool:
+        """Check packages, settings and weights, then start the engine; True once it runs. The previous
+        result stays on display until the new run has started."""
+        if not self.logic.setupPythonRequirements(askConfirmation=True):
+            self.addLog(_("Python packages were not installed; nothing was run."))
+            return False
+        settings = self.logic.engineSettings(self._parameterNode, self.ui.networkWeightsPathLineEdit.currentPath,
+                                             self.ui.encoderWeightsPathLineEdit.currentPath)
+        if not self.ensureEncoderWeights(settings):
+            return False
+        self.ui.logTextEdit.clear()
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.show()
+        self.ui.statusLabel.text = _("Starting...")
+        parameters = self._parameterNode
+        common = dict(settings=settings, keepTemporaryFiles=parameters.keepTemporaryFiles, waitForCompletion=False,
+                      logCallback=self.addLog, progressCallback=self.onProgress, completedCallback=self.onCompleted)
+        with slicer.util.WaitCursor():  # writing the inputs for the engine process
             if parameters.inputKind == INPUT_SEQUENCE:
                 self.logic.propagateSegmentationThroughSequence(
                     parameters.movingSequence, parameters.movingSegmentation, parameters.referenceFrame,
                     chained=parameters.propagation == PROPAGATE_CHAINED,
-                    outputSequence=parameters.outputSegmentationSequence, settings=settings,
-                    keepTemporaryFiles=parameters.keepTemporaryFiles, waitForCompletion=False,
-                    logCallback=self.addLog, progressCallback=self.onProgress, completedCallback=self.onCompleted)
+                    outputSequence=parameters.outputSegmentationSequence, **common)
             else:
                 self.logic.registerVolumes(
                     parameters.fixedVolume, parameters.movingVolume,
                     movingSegmentation=parameters.movingSegmentation, outputTransform=parameters.outputTransform,
                     outputVolume=parameters.outputVolume, outputSegmentation=parameters.outputSegmentation,
-                    outputJacobian=parameters.outputJacobian, settings=settings,
-                    keepTemporaryFiles=parameters.keepTemporaryFiles, waitForCompletion=False,
-                    logCallback=self.addLog, progressCallback=self.onProgress, completedCallback=self.onCompleted)
-        if not self.logic.isRunning:  # refused or failed to start: nothing is running
-            self.ui.progressBar.hide()
-        self._updateApplyButton()
+                    outputJacobian=parameters.outputJacobian, **common)
+        self._clearResultDisplay()
+        for lineEdit, used in ((self.ui.networkWeightsPathLineEdit, settings.network_weights),
+                               (self.ui.encoderWeightsPathLineEdit, settings.encoder_weights)):
+            if used:  # ctkPathLineEdit keeps a history only of the paths it is told to add
+                lineEdit.addCurrentPathToHistory()
+        return True
 
     def onProgress(self, fraction: float, stage: str) -> None:
         self.ui.progressBar.value = int(round(100 * fraction))
@@ -326,6 +374,7 @@ class SAMIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         logging.info(text)
 
     def onCompleted(self, task) -> None:
+        from SAMIRRegistrationLib.engine_runner import RunState
         self.ui.progressBar.hide()
         self._updateApplyButton()
         if task.state == RunState.SUCCEEDED:
@@ -350,7 +399,7 @@ class SAMIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                                      detailedText="\n".join(self.ui.logTextEdit.toPlainText().splitlines()[-40:]))
 
     # -- encoder weights ------------------------------------------------------------------------
-    def ensureEncoderWeights(self, settings: EngineSettings) -> bool:
+    def ensureEncoderWeights(self, settings) -> bool:
         """Offer to download a checkpoint the run needs; False if the user declined or cancelled."""
         from SAMIRRegistrationLib import weights
         entry = weights.checkpoint_to_download(settings.encoder if settings.uses_encoder else None,
@@ -416,6 +465,8 @@ class SAMIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             checkBox.blockSignals(True)
             checkBox.checked = False
             checkBox.blockSignals(False)
+        if self._lastResult:
+            self.logic.endTransformPreview(self._lastResult[1])
         self._lastResult = None
         self._setResultControlsEnabled(False)
 
@@ -425,6 +476,7 @@ class SAMIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         fixed, moving, outputs = self._lastResult
         with slicer.util.tryWithErrorDisplay(_("Cannot show the comparison.")):
             if self.ui.comparisonComboBox.currentText == COMPARE_CHECKERBOARD:
+                self.logic.endTransformPreview(moving)
                 self.logic.showCheckerboard(fixed, outputs.volume)
                 self.ui.fadeSliderWidget.enabled = False
             else:
@@ -458,9 +510,12 @@ class SAMIRRegistrationLogic(ScriptedLoadableModuleLogic):
     """Registration that can run without the panel (scripts, tests).
 
     The work is done by SAMIRRegistrationLib; this class adds what needs the Slicer application:
-    Python packages, the weights folder under Slicer's cache path, a timer that polls a running task,
-    and the slice-view displays of a result.
+    Python packages, PythonSlicer, a timer that polls a running task, and the slice-view displays of a
+    result. Encoder checkpoints live in the engine's weights folder, outside Slicer's cache path (which
+    *Clear cache* deletes); those an earlier version kept there are moved over once.
     """
+
+    LEGACY_WEIGHTS_SUBFOLDER = ("SAMIR", "weights")  # under slicer.app.cachePath, where SAMIR 0.1.0 kept them
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -468,8 +523,8 @@ class SAMIRRegistrationLogic(ScriptedLoadableModuleLogic):
         self._timer: Optional[qt.QTimer] = None
         self._completedCallback: Optional[Callable] = None
         from SAMIRRegistrationLib import weights
-        if weights.WEIGHTS_DIR_ENV not in os.environ:  # a folder chosen by the user wins
-            weights.use_weights_folder(pathlib.Path(slicer.app.cachePath) / "SAMIR" / "weights")
+        for path in weights.adopt_checkpoints(pathlib.Path(slicer.app.cachePath, *self.LEGACY_WEIGHTS_SUBFOLDER)):
+            logging.info(f"SAMIR: moved the checkpoint {path.name} out of Slicer's cache folder to {path.parent}")
 
     def getParameterNode(self) -> SAMIRRegistrationParameterNode:
         return SAMIRRegistrationParameterNode(super().getParameterNode())
@@ -496,8 +551,9 @@ class SAMIRRegistrationLogic(ScriptedLoadableModuleLogic):
                                " got '{text}'").format(text=text)) from None
 
     def engineSettings(self, parameters: SAMIRRegistrationParameterNode, networkWeightsPath: str = "",
-                       encoderWeightsPath: str = "") -> EngineSettings:
-        """Engine settings of the panel's parameters (raises ValueError for invalid ones)."""
+                       encoderWeightsPath: str = ""):
+        """:class:`EngineSettings` of the panel's parameters (raises ValueError for invalid ones)."""
+        from SAMIRRegistrationLib.engine_runner import EngineSettings
         networkMode = parameters.mode == "network"
         settings = EngineSettings(
             mode=parameters.mode, network_weights=(networkWeightsPath or None) if networkMode else None,
@@ -512,25 +568,26 @@ class SAMIRRegistrationLogic(ScriptedLoadableModuleLogic):
         settings.validate()
         return settings
 
-    # -- Python packages --------------------------------------------------------------------------
+    # -- Python packages ----------------------------------------------------------------------------
+    @staticmethod
+    def slicerVersion() -> tuple:
+        return (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
+
     def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
         """Make sure the engine's packages are importable in Slicer's Python; False if the user declined.
 
-        PyTorch comes from the PyTorch extension; the other packages are pip-installed with a
-        constraints file that keeps Slicer's numpy and SimpleITK (and the installed torch) as they are.
+        Refuses a Slicer older than 5.10 (its Python 3.9 cannot install the engine's packages) and a
+        PyTorch older than the engine needs, with what to do. PyTorch comes from the PyTorch extension;
+        the other packages are pip-installed with a constraints file that keeps Slicer's numpy and
+        SimpleITK (and the installed torch) as they are. No wait cursor is shown over the questions
+        and dialogs.
         """
         from SAMIRRegistrationLib import dependencies
-        if not dependencies.torch_available():
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise RuntimeError(_("SAMIR needs PyTorch: install the 'PyTorch' extension with the Extensions"
-                                     " Manager, restart Slicer and try again.")) from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            torch = torchLogic.installTorch(askConfirmation=askConfirmation,
-                                            torchVersionRequirement=f">={dependencies.MINIMUM_TORCH_VERSION}")
-            if torch is None:
-                return False
+        dependencies.check_slicer_and_python(self.slicerVersion())
+        if dependencies.torch_available():
+            dependencies.check_torch_version()
+        elif not self._installTorch(askConfirmation, dependencies):
+            return False
         missing = dependencies.missing_pip_requirements()
         if missing:
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
@@ -539,8 +596,8 @@ class SAMIRRegistrationLogic(ScriptedLoadableModuleLogic):
                     windowTitle=_("Install Python packages")):
                 return False
             constraints = dependencies.write_constraints_file(pathlib.Path(slicer.app.temporaryPath))
-            with slicer.util.WaitCursor():
-                slicer.util.pip_install(dependencies.pip_install_arguments(missing, constraints))
+            slicer.util.showStatusMessage(_("Installing Python packages for SAMIR..."))
+            slicer.util.pip_install(dependencies.pip_install_arguments(missing, constraints))
             importlib.invalidate_caches()
             still_missing = dependencies.missing_pip_requirements()
             if still_missing:
@@ -548,16 +605,30 @@ class SAMIRRegistrationLogic(ScriptedLoadableModuleLogic):
                     packages=", ".join(still_missing)))
         return True
 
+    @staticmethod
+    def _installTorch(askConfirmation: bool, dependencies) -> bool:
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise RuntimeError(_("SAMIR needs PyTorch: install the 'PyTorch' extension with the Extensions"
+                                 " Manager, restart Slicer and try again.")) from None
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=askConfirmation, torchVersionRequirement=f">={dependencies.MINIMUM_TORCH_VERSION}",
+            torchvisionVersionRequirement=f">={dependencies.MINIMUM_TORCHVISION_VERSION}")
+        return torch is not None
+
     def engineRunFactory(self, keepTemporaryFiles: bool = False):
-        """Engine runs in PythonSlicer, with Slicer's startup environment and SAMIR's weights folder."""
+        """Engine runs in PythonSlicer, with Slicer's startup environment (and a weights folder the user set)."""
+        from SAMIRRegistrationLib import weights
         from SAMIRRegistrationLib.engine_runner import default_python_executable
         from SAMIRRegistrationLib.registration import subprocess_engine_runs
+        pythonSlicer = default_python_executable([pathlib.Path(slicer.app.slicerHome) / "bin"])
         environment = dict(slicer.util.startupEnvironment())
-        from SAMIRRegistrationLib import weights
-        environment[weights.WEIGHTS_DIR_ENV] = os.environ[weights.WEIGHTS_DIR_ENV]
+        if weights.WEIGHTS_DIR_ENV in os.environ:
+            environment[weights.WEIGHTS_DIR_ENV] = os.environ[weights.WEIGHTS_DIR_ENV]
         workFolder = pathlib.Path(slicer.app.temporaryPath) / "SAMIR"
         workFolder.mkdir(parents=True, exist_ok=True)
-        return subprocess_engine_runs(python_executable=default_python_executable(), environment=environment,
+        return subprocess_engine_runs(python_executable=pythonSlicer, environment=environment,
                                       work_folder=workFolder, keep_work_folder=keepTemporaryFiles)
 
     # -- running ----------------------------------------------------------------------------------
@@ -567,7 +638,7 @@ class SAMIRRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def registerVolumes(self, fixedVolume, movingVolume, movingSegmentation=None, outputTransform=None,
                         outputVolume=None, outputSegmentation=None, outputJacobian=None,
-                        settings: Optional[EngineSettings] = None, keepTemporaryFiles: bool = False,
+                        settings=None, keepTemporaryFiles: bool = False,
                         waitForCompletion: bool = True, logCallback: Optional[Callable[[str], None]] = None,
                         progressCallback: Optional[Callable[[float, str], None]] = None,
                         completedCallback: Optional[Callable] = None, engineRunFactory=None):
@@ -578,14 +649,16 @@ class SAMIRRegistrationLogic(ScriptedLoadableModuleLogic):
         :param outputTransform: grid transform node; the moving volume placed under it lands on the fixed one.
         :param outputVolume: the moving volume resampled onto the fixed grid.
         :param outputJacobian: Jacobian-determinant map on the fixed grid (coloured, with a legend).
-        :param settings: :class:`EngineSettings` (default: zero-shot, balanced preset).
+        :param settings: :class:`SAMIRRegistrationLib.EngineSettings` (default: zero-shot, balanced preset).
         :param waitForCompletion: block until done (scripts, tests) and raise on failure; otherwise
             return at once and report through the callbacks while a timer polls the engine process.
         :return: the task (``task.outputs`` holds the filled nodes, SDlogJ and folding %).
         """
+        from SAMIRRegistrationLib.engine_runner import EngineSettings
         from SAMIRRegistrationLib.registration import PairRegistrationTask
         if self.isRunning:
             raise RuntimeError(_("A registration is already running; cancel it first."))
+        self.endTransformPreview(movingVolume)  # a previous result shown on it must not be read as its geometry
         task = PairRegistrationTask(
             fixedVolume, movingVolume, moving_segmentation=movingSegmentation, output_transform=outputTransform,
             output_volume=outputVolume, output_segmentation=outputSegmentation, output_jacobian=outputJacobian,
@@ -595,14 +668,14 @@ class SAMIRRegistrationLogic(ScriptedLoadableModuleLogic):
         return self._run(task, waitForCompletion, completedCallback)
 
     def propagateSegmentationThroughSequence(self, volumeSequence, segmentation, referenceFrame: int,
-                                             chained: bool = False, outputSequence=None,
-                                             settings: Optional[EngineSettings] = None,
+                                             chained: bool = False, outputSequence=None, settings=None,
                                              keepTemporaryFiles: bool = False, waitForCompletion: bool = True,
                                              logCallback: Optional[Callable[[str], None]] = None,
                                              progressCallback: Optional[Callable[[float, str], None]] = None,
                                              completedCallback: Optional[Callable] = None, engineRunFactory=None):
         """Register every frame of ``volumeSequence`` and carry ``segmentation`` (drawn on frame
         ``referenceFrame``) to each: a segmentation sequence synchronised with the volume sequence's browser."""
+        from SAMIRRegistrationLib.engine_runner import EngineSettings
         from SAMIRRegistrationLib.sequences import SequencePropagationTask
         if self.isRunning:
             raise RuntimeError(_("A registration is already running; cancel it first."))
@@ -664,13 +737,21 @@ class SAMIRRegistrationLogic(ScriptedLoadableModuleLogic):
         return modules.sequences.logic() if modules is not None and hasattr(modules, "sequences") else None
 
     def showFade(self, fixedVolume, movingVolume, outputs, opacity: float = 0.5) -> None:
-        """Fixed in the background, the warped volume (or the moving volume under the transform) on top."""
+        """Fixed in the background, the warped volume (or the moving volume previewed under the transform,
+        undone by :meth:`endTransformPreview`, which the next run calls) on top."""
+        from SAMIRRegistrationLib.display import preview_under_transform
         foreground = outputs.volume
         if foreground is None and outputs.transform is not None:
-            movingVolume.SetAndObserveTransformNodeID(outputs.transform.GetID())
+            preview_under_transform(movingVolume, outputs.transform)
             foreground = movingVolume
         slicer.util.setSliceViewerLayers(background=fixedVolume, foreground=foreground, foregroundOpacity=opacity,
                                          fit=True)
+
+    @staticmethod
+    def endTransformPreview(movingVolume) -> None:
+        """Put a volume :meth:`showFade` placed under a result transform back under its own parent."""
+        from SAMIRRegistrationLib.display import end_transform_preview
+        end_transform_preview(movingVolume)
 
     def showCheckerboard(self, fixedVolume, warpedVolume, squares: int = 8):
         """A checkerboard volume of fixed and warped (created once, refreshed) shown alone."""
@@ -735,7 +816,8 @@ class SAMIRRegistrationTest(ScriptedLoadableModuleTest):
         self.test_SampleDataPair()
 
     @staticmethod
-    def _quickSettings() -> EngineSettings:
+    def _quickSettings():
+        from SAMIRRegistrationLib.engine_runner import EngineSettings
         return EngineSettings(preset="fast", device="auto", levels=3, iterations=(40, 40, 30))
 
     def test_SyntheticPairAndBadInput(self):
@@ -776,6 +858,7 @@ class SAMIRRegistrationTest(ScriptedLoadableModuleTest):
         """MRBrainTumor1/2 from Sample Data (downloaded): a fast registration improves the alignment."""
         import numpy as np
         import SampleData
+        from SAMIRRegistrationLib.engine_runner import EngineSettings
         self.delayDisplay("Loading sample data")
         fixed = SampleData.downloadSample("MRBrainTumor1")
         moving = SampleData.downloadSample("MRBrainTumor2")

@@ -7,6 +7,17 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_report_header(config):
+    """Which Slicer the bridge tests stand for (slicer-core 5.12 = the stable Slicer, 5.13 = the preview)."""
+    import importlib.metadata
+    try:
+        import vtk
+        return (f"slicer-core {importlib.metadata.version('slicer-core')} (VTK {vtk.vtkVersion.GetVTKVersion()})"
+                f" from {os.path.dirname(importlib.import_module('slicer_core').__file__)}")
+    except Exception as exc:  # noqa: BLE001 - a header only
+        return f"slicer-core: not available ({exc})"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def hermetic_cache_dirs(tmp_path_factory):
     """Never write to the user's real cache folders, and never download encoder weights in tests.

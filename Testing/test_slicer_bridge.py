@@ -316,6 +316,45 @@ def test_jacobian_colour_map_legend_checkerboard_and_grid_display(scene):
     assert shown_grid.GetVisualizationMode() == shown_grid.VIS_MODE_GRID and shown_grid.GetVisibility2D()
 
 
+def test_jacobian_colour_table_is_found_by_role_not_by_a_name_a_volume_can_share(scene):
+    fixed = volume_node(scene, smooth_blobs((6, 8, 8)), "fixed")
+    grid = volumes.volume_from_node(fixed)
+    # "Create new" on the Jacobian selector names the volume like the colour table
+    jacobian = volumes.add_volume_node(scene, grid.with_array(np.ones(grid.shape, np.float32)),
+                                       display.JACOBIAN_COLOR_NODE_NAME)
+    tables_before = scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")
+    first = display.jacobian_color_node(scene)
+    for _ in range(3):  # every run and every toggle of the display asks again
+        display.show_jacobian(jacobian)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == tables_before + 1
+    assert jacobian.GetDisplayNode().GetColorNodeID() == first.GetID()
+    first.SetName("renamed by the user")
+    assert display.jacobian_color_node(scene) is first
+
+
+def test_transform_preview_is_undone_and_restores_the_previous_parent(scene):
+    fixed = volume_node(scene, smooth_blobs((6, 8, 8)), "fixed")
+    moving = volume_node(scene, smooth_blobs((6, 8, 8), seed=1), "moving")
+    grid = volumes.volume_from_node(fixed)
+    result = grid_transforms.add_grid_transform_node(scene, smooth_field(grid), grid, "result")
+    linear = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "user's placement")
+    moving.SetAndObserveTransformNodeID(linear.GetID())
+    display.preview_under_transform(moving, result)
+    assert moving.GetTransformNodeID() == result.GetID()
+    with pytest.raises(SAMIRInputError, match="non-linear"):  # what a second run would refuse
+        volumes.volume_from_node(moving, "moving")
+    display.preview_under_transform(moving, result)  # shown twice: the first parent is still the one restored
+    assert display.end_transform_preview(moving)
+    assert moving.GetTransformNodeID() == linear.GetID()
+    volumes.volume_from_node(moving, "moving")  # readable again
+    assert not display.end_transform_preview(moving)  # nothing to undo: the user's own placement stays
+    assert moving.GetTransformNodeID() == linear.GetID()
+    moving.SetAndObserveTransformNodeID(None)
+    display.preview_under_transform(moving, result)
+    display.end_transform_preview(moving)
+    assert moving.GetTransformNodeID() is None
+
+
 # ------------------------------------------------------------------------------------------------
 # tasks with an exactly known registration (no engine): bookkeeping, outputs, bad inputs
 
@@ -435,7 +474,7 @@ def test_sequence_propagation_bookkeeping_with_the_exact_field(scene, chained):
     out = task.outputs.segmentation_sequence
     assert out.GetNumberOfDataNodes() == 6
     assert [out.GetNthIndexValue(i) for i in range(6)] == [sequence.GetNthIndexValue(i) for i in range(6)]
-    assert browser.IsSynchronizedSequenceNode(out.GetID(), True)
+    assert browser.IsSynchronizedSequenceNode(out, True)
     expected_moving = [f"frame {s.moving_frame}" for s in propagation_plan(6, reference, chained)]
     assert [m for _, m in seen_pairs] == expected_moving
     # new nodes: the segmentation sequence and the browser's proxy segmentation showing the current frame

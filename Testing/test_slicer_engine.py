@@ -300,9 +300,8 @@ def test_checkpoint_download_goes_to_the_chosen_folder_and_can_be_cancelled(tmp_
                                        sha256=engine_weights.file_digest(source), size=source.stat().st_size)
     monkeypatch.setitem(engine_weights.REGISTRY, "sam_vit_b", entry)
     monkeypatch.delenv("SAMIR_OFFLINE", raising=False)
-    folder = tmp_path / "Slicer cache" / "SAMIR" / "weights"
-    monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(tmp_path / "elsewhere"))
-    weights.use_weights_folder(folder)
+    folder = tmp_path / "chosen" / "weights"
+    monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(folder))  # a folder the user chose
     assert weights.checkpoint_to_download("litemedsam") is None
     assert weights.checkpoint_to_download("sam_vit_b", local_file=str(source)) is None
     assert weights.checkpoint_to_download("sam_vit_b") == entry

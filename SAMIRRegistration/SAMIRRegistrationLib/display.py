@@ -1,4 +1,5 @@
-"""Scene helpers for looking at a result: Jacobian colour map and legend, checkerboard volume.
+"""Scene helpers for looking at a result: Jacobian colour map and legend, checkerboard volume, the
+moving volume previewed under the result transform.
 
 MRML only (no views, no Qt): the module's widget puts these nodes into the slice views.
 """
@@ -12,6 +13,12 @@ from samir.geometry import SAMIRInputError
 from .volumes import add_volume_node, checkerboard, node_label, update_volume_node, volume_from_node
 
 JACOBIAN_COLOR_NODE_NAME = "SAMIR Jacobian"
+# Found by class and this attribute, never by name: a Jacobian volume made with "Create new" may carry
+# the same name.
+ROLE_ATTRIBUTE = "SAMIR.Role"
+JACOBIAN_COLOR_ROLE = "JacobianColors"
+# On a volume previewed under a result transform: the ID of the parent it had before ("" for none).
+PREVIEW_PARENT_ATTRIBUTE = "SAMIR.PreviewParentTransformID"
 JACOBIAN_RANGE = (0.0, 2.0)  # shown from 0 (folding at and below) to 2 (local volume doubled)
 # (Jacobian determinant, RGB): compression blue, no change white, expansion red, folding dark purple
 JACOBIAN_COLOR_STOPS = ((0.0, (0.25, 0.0, 0.35)), (0.5, (0.15, 0.35, 0.95)), (1.0, (1.0, 1.0, 1.0)),
@@ -20,10 +27,12 @@ JACOBIAN_COLOR_STOPS = ((0.0, (0.25, 0.0, 0.35)), (0.5, (0.15, 0.35, 0.95)), (1.
 
 def jacobian_color_node(scene):
     """The scene's 256-entry diverging colour table for Jacobian determinants (created once)."""
-    existing = scene.GetFirstNodeByName(JACOBIAN_COLOR_NODE_NAME)
-    if existing is not None and existing.IsA("vtkMRMLColorTableNode"):
-        return existing
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
+        table = scene.GetNthNodeByClass(index, "vtkMRMLColorTableNode")
+        if table.GetAttribute(ROLE_ATTRIBUTE) == JACOBIAN_COLOR_ROLE:
+            return table
     node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", JACOBIAN_COLOR_NODE_NAME)
+    node.SetAttribute(ROLE_ATTRIBUTE, JACOBIAN_COLOR_ROLE)
     node.SetTypeToUser()
     node.SetNumberOfColors(256)
     stops = np.array([value for value, _ in JACOBIAN_COLOR_STOPS])
@@ -68,3 +77,26 @@ def add_checkerboard_node(fixed_node, warped_node, squares: int = 8, output_node
         update_volume_node(output_node, board)
         return output_node
     return add_volume_node(fixed_node.GetScene(), board, name or f"{fixed_node.GetName()} checkerboard")
+
+
+def preview_under_transform(volume_node, transform_node) -> None:
+    """Place ``volume_node`` under ``transform_node`` to show the result without resampling; the parent
+    it had is remembered, so :func:`end_transform_preview` restores it (a later run then reads the
+    volume as it was, not through a non-linear transform)."""
+    if volume_node.GetAttribute(PREVIEW_PARENT_ATTRIBUTE) is None:
+        volume_node.SetAttribute(PREVIEW_PARENT_ATTRIBUTE, volume_node.GetTransformNodeID() or "")
+    volume_node.SetAndObserveTransformNodeID(transform_node.GetID())
+
+
+def end_transform_preview(volume_node) -> bool:
+    """Undo :func:`preview_under_transform` on ``volume_node`` (no-op otherwise); True if it was previewed."""
+    if volume_node is None:
+        return False
+    previous = volume_node.GetAttribute(PREVIEW_PARENT_ATTRIBUTE)
+    if previous is None:
+        return False
+    scene = volume_node.GetScene()
+    parent = scene.GetNodeByID(previous) if previous and scene is not None else None
+    volume_node.SetAndObserveTransformNodeID(parent.GetID() if parent is not None else None)
+    volume_node.RemoveAttribute(PREVIEW_PARENT_ATTRIBUTE)
+    return True

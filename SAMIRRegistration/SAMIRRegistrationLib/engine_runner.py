@@ -33,18 +33,10 @@ import numpy as np
 import samir
 import SimpleITK as sitk
 from samir.geometry import SAMIRInputError, Volume, from_sitk, to_sitk
+from samir.options import ALIGNMENTS, DEVICES, ENCODERS, MODES, NORMALIZATIONS, PRESETS
 
 LogCallback = Callable[[str], None]
 
-# Names the engine accepts (samir.register.PRESETS / MODES, samir.encoders.ENCODERS, samir.intensity.NORMALIZATIONS,
-# samir.affine.ALIGNMENT_MODES;
-# importing those modules would import torch, so they are repeated here and a test checks that they agree).
-PRESETS = ("fast", "balanced", "accurate")
-MODES = ("zeroshot", "network")
-ENCODERS = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
-NORMALIZATIONS = ("auto", "mr", "ct")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-ALIGNMENTS = ("affine", "rigid", "none")
 
 # Relative cost of each engine stage, for one percentage bar over the stages a run goes through.
 STAGE_WEIGHTS = {"align": 4.0, "resample": 2.0, "load encoder": 3.0, "encode fixed": 10.0, "encode moving": 10.0, "network": 8.0,
@@ -202,9 +194,23 @@ def engine_package_folder() -> Path:
     return Path(samir.__file__).resolve().parent.parent
 
 
-def default_python_executable() -> str:
-    """``PythonSlicer`` inside Slicer (its Python with Slicer's environment), else this interpreter."""
-    return shutil.which("PythonSlicer") or sys.executable
+def default_python_executable(search_folders: Sequence[Path] = ()) -> str:
+    """``PythonSlicer`` (Slicer's Python with Slicer's environment): on the PATH or in ``search_folders``
+    (Slicer's ``bin``); outside Slicer, this interpreter. Raises :class:`SAMIRInputError` when neither is
+    found (inside Slicer ``sys.executable`` is the application, not a Python)."""
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    for folder in search_folders:
+        for name in ("PythonSlicer.exe", "PythonSlicer"):
+            if (Path(folder) / name).is_file():
+                return str(Path(folder) / name)
+    if sys.executable and Path(sys.executable).name.lower().startswith("python"):
+        return sys.executable
+    looked = ", ".join(["PATH", *map(str, search_folders)])
+    raise SAMIRInputError(f"PythonSlicer not found (looked in {looked}): the SAMIR engine runs in Slicer's own"
+                          " Python, PythonSlicer, which every Slicer installation has in its bin folder; reinstall"
+                          " Slicer if it is missing")
 
 
 def engine_environment(base: Optional[Dict[str, str]] = None, threads: Optional[int] = None) -> Dict[str, str]:

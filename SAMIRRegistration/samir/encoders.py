@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .geometry import SAMIRInputError
+from .options import ENCODERS
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -47,7 +48,7 @@ SAM_VARIANTS: Dict[str, ViTArchitecture] = {
     "sam_vit_h": ViTArchitecture(1280, 32, 16, (7, 15, 23, 31)),
     "medsam_vit_b": ViTArchitecture(768, 12, 12, (2, 5, 8, 11)),
 }
-ENCODERS = ("litemedsam",) + tuple(SAM_VARIANTS)
+assert ENCODERS == ("litemedsam",) + tuple(SAM_VARIANTS), "samir.options.ENCODERS names the encoders defined here"
 DEFAULT_INPUT_SIZE = {"litemedsam": 256, **{name: 512 for name in SAM_VARIANTS}}
 
 

@@ -5,7 +5,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-NORMALIZATIONS = ("auto", "mr", "ct")
+from .options import NORMALIZATIONS
+
 # also accepted where a trained network's checkpoint names its normalisation (not a command-line choice)
 ALL_NORMALIZATIONS = NORMALIZATIONS + ("minmax",)
 DEFAULT_CT_WINDOW = (-500.0, 800.0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional
@@ -26,7 +25,10 @@ from .affine import ALIGNMENT_MODES, align_affine, compose_with_affine, identity
 from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps, from_sitk, to_sitk
 from .intensity import intensity_rank_correlation, match_histogram, normalize_intensity, resolve_normalization
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
-from .resources import check_host_memory, estimate_peak_memory_mb, resolve_device, run_with_oom_fallback
+from .resources import (check_host_memory, estimate_peak_memory_mb, host_peak_rss_mb, resolve_device,
+                        run_with_oom_fallback)
+from .options import MODES, SIMILARITIES
+from .options import PRESETS as PRESET_NAMES
 from .zeroshot import OptimizerSettings, optimize_pyramid, optimised_level_shapes
 
 ProgressFn = Optional[Callable[[str, float], None]]
@@ -42,9 +44,8 @@ PRESETS: Dict[str, dict] = {
     "accurate": dict(max_voxels=1_500_000, iterations=(100, 100, 80, 60, 50), full_resolution_iterations=40,
                      full_resolution_velocity=True, full_resolution_integration_steps=2, full_resolution_smoothness=0.15),
 }
-MODES = ("zeroshot", "network")
+assert tuple(PRESETS) == PRESET_NAMES, "samir.options.PRESETS names the presets defined here"
 MIN_OVERLAP = 0.05
-SIMILARITIES = ("auto", "ncc", "mind")
 # Below this rank correlation of fixed and moving intensities the contrasts are not the same (e.g. T1
 # against T2): local NCC then pulls structures onto the wrong ones and MIND-SSC is used instead.
 SAME_CONTRAST_MIN_CORRELATION = 0.2
@@ -169,7 +170,7 @@ def coverage_of(moving: Volume, reference: Volume, affine_lps: Optional[np.ndarr
 
 
 def peak_memory_mb(device: Optional[torch.device] = None) -> Dict[str, float]:
-    out = {"host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    out = {"host_peak_rss_mb": host_peak_rss_mb()}
     if device is not None and device.type == "cuda":
         out["device_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return out

@@ -7,12 +7,16 @@
 * :func:`estimate_peak_memory_mb` / :func:`check_host_memory`: refuse a volume whose estimated
   peak host memory exceeds what is available, with the estimate and what to do instead, rather
   than being killed by the operating system half-way.
+* :func:`host_peak_rss_mb` / :func:`available_host_memory_mb`: the same numbers on Linux, macOS and
+  Windows (most Slicer users run Windows, which has no ``resource`` module: it is imported only
+  where it exists).
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import sys
 from typing import Callable, List, Optional, Sequence, TypeVar
 
 import torch
@@ -129,19 +133,27 @@ def run_with_oom_fallback(step: Callable[[torch.device, int], T], device: torch.
             notes.append(note)
 
 
-def available_host_memory_mb() -> float:
-    """Memory the OS can give this process now (``MemAvailable``; cgroup limit if lower)."""
-    available = math.inf
+# ``ru_maxrss`` is in kilobytes on Linux and the BSDs but in bytes on macOS.
+RU_MAXRSS_BYTES = {"darwin": 1}
+RU_MAXRSS_DEFAULT_BYTES = 1024
+
+
+def host_peak_rss_mb(platform: Optional[str] = None) -> float:
+    """Peak resident memory of this process so far (MB): ``getrusage`` where it exists, else psutil's
+    peak working set (Windows)."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) / 1024.0
-                break
-    except OSError:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-        except (ValueError, OSError, AttributeError):
-            pass
+        import resource  # POSIX only
+    except ImportError:
+        import psutil
+        info = psutil.Process().memory_info()
+        return float(getattr(info, "peak_wset", info.rss)) / 2 ** 20
+    unit = RU_MAXRSS_BYTES.get(platform or sys.platform, RU_MAXRSS_DEFAULT_BYTES)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2 ** 20
+
+
+def _cgroup_available_mb() -> float:
+    """What a Linux container's memory limit leaves (infinite elsewhere or without a limit)."""
+    available = math.inf
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
             text = open(path).read().strip()
@@ -152,7 +164,13 @@ def available_host_memory_mb() -> float:
                 available = min(available, limit - used)
         except (OSError, ValueError):
             continue
-    return float(available)
+    return available
+
+
+def available_host_memory_mb() -> float:
+    """Memory the OS can give this process now (psutil's ``available``; a cgroup limit if lower)."""
+    import psutil
+    return float(min(psutil.virtual_memory().available / 2 ** 20, _cgroup_available_mb()))
 
 
 def estimate_peak_memory_mb(shape_zyx: Sequence[int], optimised_voxels: int, encoded_slices: int = 0,
