@@ -55,7 +55,7 @@ def useBundledEngine(folder: pathlib.Path = MODULE_FOLDER) -> None:
 
 
 useBundledEngine()
-from samir.options import ALIGNMENTS, DEVICES, ENCODERS, MODES, PRESETS  # noqa: E402 - after the path fix
+from samir.options import DEVICES, ENCODERS, OPTION, choices_of, default  # noqa: E402 - after the path fix
 
 INPUT_PAIR = "volume pair"
 INPUT_SEQUENCE = "4D sequence"
@@ -132,18 +132,19 @@ class SAMIRRegistrationParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     outputSegmentationSequence: vtkMRMLSequenceNode
     outputJacobian: vtkMRMLScalarVolumeNode
-    mode: Annotated[str, Choice(list(MODES))] = "zeroshot"
-    refineIterations: Annotated[int, WithinRange(0, 1000)] = 0
-    encoder: Annotated[str, Choice(list(ENCODERS))] = "litemedsam"
-    preset: Annotated[str, Choice(list(PRESETS))] = "balanced"
-    alignment: Annotated[str, Choice(list(ALIGNMENTS))] = "rigid"
-    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    # choices and defaults are the engine's option schema's (samir/options.py)
+    mode: Annotated[str, Choice(list(choices_of("mode")))] = default("mode")
+    refineIterations: Annotated[int, WithinRange(0, 1000)] = default("refine_iterations")
+    encoder: Annotated[str, Choice(list(ENCODERS))] = ENCODERS[0]
+    preset: Annotated[str, Choice(list(choices_of("preset")))] = default("preset")
+    alignment: Annotated[str, Choice(list(choices_of("alignment")))] = default("alignment")
+    device: Annotated[str, Choice(list(DEVICES))] = default("device")
     useFeatures: bool = False
-    levels: Annotated[int, WithinRange(0, 8)] = 0
+    levels: Annotated[int, WithinRange(0, int(OPTION["levels"].maximum))] = 0  # 0: the preset's
     iterations: str = ""
     overrideSmoothness: bool = False
     smoothness: Annotated[float, WithinRange(0.0, 100.0)] = 0.3
-    encoderInputSize: Annotated[int, WithinRange(0, 1024)] = 0
+    encoderInputSize: Annotated[int, WithinRange(0, 1024)] = 0  # 0: the encoder's
     useFeatureCache: bool = True
     keepTemporaryFiles: bool = False
 
@@ -359,7 +360,7 @@ class SAMIRRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                     outputVolume=parameters.outputVolume, outputSegmentation=parameters.outputSegmentation,
                     outputJacobian=parameters.outputJacobian, **common)
         self._clearResultDisplay()
-        for lineEdit, used in ((self.ui.networkWeightsPathLineEdit, settings.network_weights),
+        for lineEdit, used in ((self.ui.networkWeightsPathLineEdit, settings.network),
                                (self.ui.encoderWeightsPathLineEdit, settings.encoder_weights)):
             if used:  # ctkPathLineEdit keeps a history only of the paths it is told to add
                 lineEdit.addCurrentPathToHistory()
@@ -540,29 +541,24 @@ class SAMIRRegistrationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def parseIterations(text: str) -> Optional[tuple]:
-        """``"80, 80,60"`` -> ``(80, 80, 60)``; empty -> ``None`` (the preset's)."""
-        text = text.strip()
-        if not text:
-            return None
-        try:
-            return tuple(int(part) for part in text.replace(";", ",").split(",") if part.strip())
-        except ValueError:
-            raise ValueError(_("Iterations per level must be whole numbers separated by commas, e.g. 80,80,60;"
-                               " got '{text}'").format(text=text)) from None
+        """``"80, 80,60"`` -> ``(80, 80, 60)``; empty -> ``None`` (the preset's). Raises ValueError."""
+        from samir.options import OPTION
+        return OPTION["iterations"].parse(text)
 
     def engineSettings(self, parameters: SAMIRRegistrationParameterNode, networkWeightsPath: str = "",
                        encoderWeightsPath: str = ""):
-        """:class:`EngineSettings` of the panel's parameters (raises ValueError for invalid ones)."""
+        """:class:`EngineSettings` of the panel's parameters; raises ValueError (the engine's option
+        schema) for an invalid one. 0 in a number field and an empty text mean "the preset's"."""
         from SAMIRRegistrationLib.engine_runner import EngineSettings
         networkMode = parameters.mode == "network"
         settings = EngineSettings(
-            mode=parameters.mode, network_weights=(networkWeightsPath or None) if networkMode else None,
+            mode=parameters.mode, network=(networkWeightsPath or None) if networkMode else None,
             refine_iterations=int(parameters.refineIterations) if networkMode else 0,
             encoder=None if networkMode else parameters.encoder, encoder_weights=encoderWeightsPath or None,
             preset=parameters.preset, alignment=parameters.alignment, device=parameters.device,
-            use_features=bool(parameters.useFeatures),
-            use_feature_cache=bool(parameters.useFeatureCache),
-            encoder_input_size=int(parameters.encoderInputSize) or None, levels=int(parameters.levels) or None,
+            use_features=bool(parameters.useFeatures) and not networkMode,
+            use_cache=bool(parameters.useFeatureCache),
+            input_size=int(parameters.encoderInputSize) or None, levels=int(parameters.levels) or None,
             iterations=self.parseIterations(parameters.iterations),
             smoothness=float(parameters.smoothness) if parameters.overrideSmoothness else None)
         settings.validate()
@@ -695,9 +691,9 @@ class SAMIRRegistrationLogic(ScriptedLoadableModuleLogic):
         self._completedCallback = completedCallback
         task.start()
         if waitForCompletion:
-            while not task.poll().finished:
-                slicer.app.processEvents()
-                qt.QThread.msleep(50)
+            from SAMIRRegistrationLib.engine_runner import wait_until_finished
+            wait_until_finished(task, what="registration",
+                                pause=lambda: (slicer.app.processEvents(), qt.QThread.msleep(50)))
             self._finished()
             task.raise_if_failed()
             return task

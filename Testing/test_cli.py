@@ -36,8 +36,9 @@ def test_register_writes_every_output_and_a_summary(cli_run):
 
 
 def test_histogram_matching_and_the_intensity_map_are_set_on_the_command_line():
-    from samir.cli import build_parser, options_from_args
-    parse = lambda *extra: options_from_args(build_parser().parse_args(["register", "f.nii", "m.nii", *extra]))
+    from samir.cli import build_parser
+    from samir.register import RegistrationOptions
+    parse = lambda *extra: RegistrationOptions.from_arguments(build_parser().parse_args(["register", "f.nii", "m.nii", *extra]))
     assert parse().histogram_matching is False
     assert parse("--histogram-matching").histogram_matching is True
     assert parse().settings().joint_intensity_map is True
@@ -45,12 +46,12 @@ def test_histogram_matching_and_the_intensity_map_are_set_on_the_command_line():
     assert parse().settings().noise_smoothing is True
     assert parse("--no-noise-smoothing").settings().noise_smoothing is False
     assert parse().settings().ssd_weight == 0.5 and parse("--ssd-weight", "0").settings().ssd_weight == 0
-    with pytest.raises(SAMIRInputError, match="must not be negative"):
-        parse("--ssd-weight", "-1").settings()
+    with pytest.raises(SAMIRInputError, match="--ssd-weight must be at least 0"):
+        parse("--ssd-weight", "-1").validate()
     assert parse().settings().noise_smoothness_factor == 4.0
     assert parse("--noise-smoothness-factor", "1").settings().noise_smoothness_factor == 1.0
-    with pytest.raises(SAMIRInputError, match="noise smoothness factor .* at least 1"):
-        parse("--noise-smoothness-factor", "0.5").settings()
+    with pytest.raises(SAMIRInputError, match="--noise-smoothness-factor must be at least 1"):
+        parse("--noise-smoothness-factor", "0.5").validate()
 
 
 def test_written_transform_reproduces_the_warped_image_in_simpleitk(cli_run, demo_files):
@@ -139,3 +140,46 @@ def test_bad_inputs_give_a_clear_error_and_write_nothing(case, tmp_path, demo_fi
     assert message in err, err
     assert not out.exists()
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--iterations", "0,-5", "--smoothness", "-1"], "--iterations must be at least 1, got"),
+    (["--smoothness", "-1"], "--smoothness must be at least 0"),
+    (["--levels", "3", "--finest-level", "4"], "--finest-level 4 must be between 1 and --levels 3"),
+    (["--refine", "3"], "--refine continues from a trained network's field"),
+    (["--device", "gpu"], "unknown device 'gpu'"),
+    (["--k", "100"], "--k must be a positive multiple of 16"),
+])
+def test_invalid_options_are_refused_by_the_schema_before_anything_is_read_or_written(arguments, message, tmp_path,
+                                                                                      capsys):
+    out = tmp_path / "out"
+    code = main(["register", str(tmp_path / "missing-fixed.nii.gz"), str(tmp_path / "missing-moving.nii.gz"),
+                 "--out", str(out), "--progress", "none", *arguments])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert "does not exist" not in err  # refused on the options, before the inputs were looked at
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_every_schema_option_reaches_registration_options_from_the_command_line():
+    from samir import options
+    from samir.cli import build_parser
+    from samir.register import RegistrationOptions
+    given = {"mode": "zeroshot", "encoder": "sam_vit_b", "input_size": 512, "preset": "fast", "similarity": "mind",
+             "alignment": "affine", "histogram_matching": True, "joint_intensity_map": False, "noise_smoothing": False,
+             "ssd_weight": 0.25, "noise_smoothness_factor": 2.0, "device": "cpu", "normalization": "ct",
+             "slicing_axis": 1, "slice_stride": 2, "use_features": True, "levels": 4, "finest_level": 2,
+             "iterations": (5, 6, 7), "smoothness": 0.7, "feature_weight": 0.5, "seed": 9, "use_cache": False,
+             "encoder_weights": "enc.pth", "refine_iterations": 0, "network": None}
+    assert set(given) == set(options.OPTION)  # a new option must be added here too
+    arguments = options.command_line(given)
+    parsed = RegistrationOptions.from_arguments(build_parser().parse_args(["register", "f", "m", *arguments]))
+    assert parsed.option_values() == {name: value for name, value in given.items()}
+
+
+def test_the_readme_synopsis_names_every_option():
+    from pathlib import Path
+    from samir.options import OPTIONS
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    synopsis = readme[readme.index("samir register FIXED MOVING"):readme.index("samir demo [")]
+    assert [option.cli_flag for option in OPTIONS if option.cli_flag not in synopsis] == []

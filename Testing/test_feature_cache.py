@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import smooth_random_volume
-from samir.cli import build_parser, main, options_from_args
+from samir.cli import build_parser, main
 from samir.encoders import SliceEncoder
 from samir.feature_cache import FeatureCache, entry_key
 from samir.features import encode_volume
@@ -183,8 +183,8 @@ def test_second_registration_of_a_pair_skips_the_encoder(cache_dir):
 
 def test_no_cache_writes_nothing(cache_dir):
     args = build_parser().parse_args(["register", "f.nii.gz", "m.nii.gz", "--features", "--no-cache"])
-    assert options_from_args(args).use_cache is False
-    assert options_from_args(build_parser().parse_args(["register", "f", "m"])).use_cache is True
+    assert RegistrationOptions.from_arguments(args).use_cache is False
+    assert RegistrationOptions.from_arguments(build_parser().parse_args(["register", "f", "m"])).use_cache is True
     fixed, moving = small_pair()
     result = register(fixed, moving, quick_options(use_cache=False), encoder=CountingEncoder())
     assert result.info["feature_cache"] == {"enabled": False}

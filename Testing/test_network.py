@@ -177,11 +177,11 @@ def test_network_mode_options_are_checked(tmp_path):
         RegistrationOptions(refine_iterations=5).validate()
     net, reduction = random_model()
     path = save_model(tmp_path / "net.pt", net, SMALL, reduction)
-    from samir.cli import build_parser, options_from_args
+    from samir.cli import build_parser
     args = build_parser().parse_args(["register", "f", "m", "--mode", "network", "--weights", str(path),
                                       "--refine", "5"])
-    options = options_from_args(args)
-    assert options.network == str(path) and options.weights is None and options.refine_iterations == 5
+    options = RegistrationOptions.from_arguments(args)
+    assert options.network == str(path) and options.encoder_weights is None and options.refine_iterations == 5
 
 
 def test_cli_network_mode_end_to_end(demo_files, tmp_path):

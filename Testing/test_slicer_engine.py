@@ -64,20 +64,18 @@ def pid_alive(pid: int) -> bool:
 # names, packages, no torch in the application
 
 
-def test_names_the_bridge_offers_are_the_engines():
-    from samir.encoders import ENCODERS
-    from samir.intensity import NORMALIZATIONS
-    from samir.register import MODES, PRESETS
-    assert engine_runner.PRESETS == tuple(PRESETS)
-    assert engine_runner.ENCODERS == tuple(ENCODERS)
-    assert engine_runner.MODES == tuple(MODES)
-    assert engine_runner.NORMALIZATIONS == tuple(NORMALIZATIONS)
-    from samir.affine import ALIGNMENT_MODES
-    assert engine_runner.ALIGNMENTS == tuple(ALIGNMENT_MODES)
+def test_the_option_schema_names_what_the_engine_defines():
+    from samir import options
+    from samir.encoders import SAM_VARIANTS
+    from samir.register import PRESETS
     from samir.weights import REGISTRY
-    assert set(REGISTRY) | set(weights.BUNDLED_ENCODERS) == set(ENCODERS)
-    from samir.cli import STAGES
-    assert set(STAGES) <= set(engine_runner.STAGE_WEIGHTS)
+    assert tuple(PRESETS) == options.PRESETS
+    assert options.ENCODERS == ("litemedsam",) + tuple(SAM_VARIANTS)
+    assert set(REGISTRY) | set(weights.BUNDLED_ENCODERS) == set(options.ENCODERS)
+    every_plan = {stage for mode in options.MODES for alignment in options.ALIGNMENTS for features in (False, True)
+                  for stage in options.planned_stages(dict(mode=mode, alignment=alignment, use_features=features,
+                                                           refine_iterations=1))}
+    assert every_plan == set(engine_runner.STAGE_WEIGHTS)  # every stage has a share of the progress bar
 
 
 def test_pip_requirements_for_slicer_match_pyproject_and_protect_bundled_packages(tmp_path):
@@ -180,15 +178,18 @@ def test_pair_registration_through_the_engine_process_fills_every_output(scene, 
     outputs = {key: scene.AddNewNodeByClass(cls, key) for key, cls in (
         ("transform", "vtkMRMLGridTransformNode"), ("volume", "vtkMRMLScalarVolumeNode"),
         ("jacobian", "vtkMRMLScalarVolumeNode"))}
-    progress, log = [], []
+    progress, stages, log = [], [], []
+    settings = EngineSettings(**QUICK)
     task = PairRegistrationTask(fixed, moving, moving_segmentation=segmentation, output_transform=outputs["transform"],
                                 output_volume=outputs["volume"], output_jacobian=outputs["jacobian"],
-                                settings=EngineSettings(**QUICK), engine_run_factory=engine_runs,
-                                on_log=log.append, on_progress=lambda fraction, stage: progress.append(fraction))
+                                settings=settings, engine_run_factory=engine_runs, on_log=log.append,
+                                on_progress=lambda fraction, stage: (progress.append(fraction), stages.append(stage)))
     task.start()
     assert task.wait(timeout_s=300) == RunState.SUCCEEDED, task.error_message + "\n" + "\n".join(log[-20:])
     result = task.outputs
     assert progress == sorted(progress) and progress[-1] == 1.0 and len(progress) > 10
+    # the engine reported exactly the stages the schema plans, in that order
+    assert [stage for stage in dict.fromkeys(stages) if stage in engine_runner.STAGE_WEIGHTS] == settings.stages()
     assert np.isfinite(result.sdlogj) and result.folding_percent < 1.0
     # the warped volume is closer to fixed than moving was
     fixed_array = volumes.voxel_array_view(fixed)
@@ -323,37 +324,38 @@ def test_engine_command_line_carries_every_setting(tmp_path):
     checkpoint.write_bytes(b"x")
     network = tmp_path / "net.pt"
     network.write_bytes(b"x")
-    from samir.cli import build_parser, options_from_args
+    from samir.cli import build_parser
+    from samir.register import RegistrationOptions
     zeroshot = EngineSettings(encoder="sam_vit_b", encoder_weights=str(checkpoint), preset="accurate", device="cuda:0",
-                              use_features=True, use_feature_cache=False, encoder_input_size=512, levels=4,
+                              use_features=True, use_cache=False, input_size=512, levels=4,
                               iterations=(10, 20), smoothness=0.5, seed=3, normalization="ct", alignment="affine")
     zeroshot.validate()
     command = engine_runner.engine_command("python", Path("f.nrrd"), Path("m.nrrd"), Path("out"), zeroshot)
     args = build_parser().parse_args(command[3:])
     assert (args.fixed, args.moving, args.out, args.progress) == ("f.nrrd", "m.nrrd", "out", "json")
-    options = options_from_args(args)
-    assert (options.mode, options.encoder, options.weights, options.preset, options.device) == (
+    options = RegistrationOptions.from_arguments(args)
+    assert (options.mode, options.encoder, options.encoder_weights, options.preset, options.device) == (
         "zeroshot", "sam_vit_b", str(checkpoint), "accurate", "cuda:0")
     assert (options.use_features, options.use_cache, options.input_size, options.seed, options.normalization,
             options.alignment) == (True, False, 512, 3, "ct", "affine")
-    assert options.optimizer == {"levels": 4, "finest_level": None, "iterations": (10, 20), "smoothness": 0.5,
-                                 "feature_weight": None, "joint_intensity_map": None, "noise_smoothing": None,
-                                 "ssd_weight": None, "noise_smoothness_factor": None}
+    assert options.optimizer == {"levels": 4, "iterations": (10, 20), "smoothness": 0.5}
+    given = {name: value for name, value in zeroshot.values.items() if value is not None}
+    assert {name: value for name, value in options.option_values().items() if value is not None} == given
     assert zeroshot.stages() == ["align", "resample", "load encoder", "encode fixed", "encode moving", "optimise",
                                  "write outputs"]
-    trained = EngineSettings(mode="network", network_weights=str(network), refine_iterations=5)
+    trained = EngineSettings(mode="network", network=str(network), refine_iterations=5)
     trained.validate()
-    options = options_from_args(build_parser().parse_args(
+    options = RegistrationOptions.from_arguments(build_parser().parse_args(
         engine_runner.engine_command("python", Path("f"), Path("m"), Path("o"), trained)[3:]))
     assert (options.mode, options.network, options.refine_iterations, options.encoder, options.alignment) == (
         "network", str(network), 5, None, "rigid")
     assert trained.stages()[-3:] == ["network", "optimise", "write outputs"]
     spans = trained.stage_spans()
     assert spans["align"][0] == 0.0 and abs(spans["write outputs"][1] - 1.0) < 1e-12
-    for bad, message in [(dict(device="gpu"), "unknown device"), (dict(iterations=(0,)), "positive"),
-                         (dict(encoder_input_size=100), "multiple of 16"),
+    for bad, message in [(dict(device="gpu"), "unknown device"), (dict(iterations=(0, -5)), "at least 1"),
+                         (dict(smoothness=-1.0), "at least 0"), (dict(input_size=100), "multiple of 16"),
                          (dict(encoder_weights="/nope.pth"), "does not exist"),
-                         (dict(mode="network"), "network checkpoint"), (dict(refine_iterations=3), "network mode")]:
+                         (dict(mode="network"), "network checkpoint"), (dict(refine_iterations=3), "--mode network")]:
         with pytest.raises(SAMIRInputError, match=message):
             EngineSettings(**bad).validate()
     assert json.loads(json.dumps(zeroshot.cli_arguments()))  # plain strings only

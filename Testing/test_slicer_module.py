@@ -194,6 +194,35 @@ def test_a_started_run_replaces_the_previous_result_and_remembers_the_paths_used
     assert widget._lastResult[2].volume is warped
 
 
+def test_the_panel_offers_the_engines_choices_and_defaults(app):
+    from typing import get_type_hints
+    from samir import options
+    hints = get_type_hints(app.module.SAMIRRegistrationParameterNode, include_extras=True)
+    bound = {"mode": "mode", "preset": "preset", "alignment": "alignment", "device": "device", "encoder": "encoder"}
+    for field, option in bound.items():
+        (kind, choices), = hints[field].__metadata__
+        expected = options.DEVICES if option == "device" else options.choices_of(option)
+        assert kind == "choice" and choices == tuple(expected), field
+        default = getattr(app.module.SAMIRRegistrationParameterNode, field)
+        assert default == (options.default(option) or expected[0]), field
+    (_, low, high), = hints["levels"].__metadata__
+    assert (low, high) == (0, options.OPTION["levels"].maximum)
+
+
+def test_the_panels_settings_are_checked_by_the_engines_schema(app):
+    logic = app.module.SAMIRRegistrationLogic()
+    assert logic.parseIterations(" 80, 80;60 ") == (80, 80, 60) and logic.parseIterations("") is None
+    with pytest.raises(SAMIRInputError, match="whole numbers separated by commas"):
+        logic.parseIterations("80, many")
+    with pytest.raises(SAMIRInputError, match="--iterations must be at least 1, got"):
+        logic.engineSettings(parameters(iterations="0,-5"))
+    with pytest.raises(SAMIRInputError, match="--smoothness must be at least 0"):
+        logic.engineSettings(parameters(overrideSmoothness=True, smoothness=-1.0))
+    settings = logic.engineSettings(parameters(mode="network", useFeatures=True), networkWeightsPath=__file__)
+    assert settings.network == __file__ and settings.use_features is False and settings.encoder is None
+    assert "--features" not in settings.cli_arguments()
+
+
 # ------------------------------------------------------------------------------------------------
 # the previewed result and the next run
 
@@ -324,7 +353,7 @@ def test_slicer_start_up_imports_no_engine_bridge_simpleitk_or_torch(tmp_path):
         import SAMIRRegistration
         heavy = [m for m in ("SimpleITK", "torch", "SAMIRRegistrationLib", "samir.geometry", "samir.register")
                  if m in sys.modules]
-        print("heavy", heavy, SAMIRRegistration.PRESETS)
+        print("heavy", heavy, SAMIRRegistration.choices_of("preset"))
     """, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "heavy [] ('fast', 'balanced', 'accurate')" in result.stdout

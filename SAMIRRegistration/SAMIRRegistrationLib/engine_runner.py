@@ -33,7 +33,7 @@ import numpy as np
 import samir
 import SimpleITK as sitk
 from samir.geometry import SAMIRInputError, Volume, from_sitk, to_sitk
-from samir.options import ALIGNMENTS, DEVICES, ENCODERS, MODES, NORMALIZATIONS, PRESETS
+from samir import options
 
 LogCallback = Callable[[str], None]
 
@@ -54,116 +54,62 @@ def stage_spans(stages: Sequence[str]) -> Dict[str, tuple]:
     return spans
 
 
-@dataclass
 class EngineSettings:
-    """Registration options as the engine's command line takes them (``None``: the engine's default)."""
+    """A registration's options for the engine process: any option of the engine's schema
+    (:data:`samir.options.OPTIONS`) by its name — ``None`` leaves it to the engine (the preset's value)
+    — plus ``threads``, the engine process's CPU threads (``None``: all cores). Validation, the command
+    line and the stages a run goes through are the schema's, so they cannot disagree with the engine."""
 
-    mode: str = "zeroshot"  # or "network": a trained SAMIR network, optionally refined
-    network_weights: Optional[str] = None  # trained SAMIR network checkpoint (network mode)
-    refine_iterations: int = 0  # network mode: instance-optimisation steps per level after the forward pass
-    encoder: Optional[str] = None  # None: litemedsam (zero-shot) or the network's own encoder
-    encoder_weights: Optional[str] = None  # local encoder checkpoint (offline use; else the engine's weights folder)
-    preset: str = "balanced"
-    alignment: str = "rigid"  # rigid / affine pre-alignment before the deformable stage, or "none"
-    device: str = "auto"
-    normalization: str = "auto"
-    use_features: bool = False  # zero-shot: encoder-feature guidance of the coarse levels
-    use_feature_cache: bool = True
-    encoder_input_size: Optional[int] = None  # k
-    levels: Optional[int] = None
-    iterations: Optional[Sequence[int]] = None  # per level, coarsest first
-    smoothness: Optional[float] = None
-    seed: int = 0
-    threads: Optional[int] = None  # CPU threads of the engine process (None: all cores)
+    def __init__(self, threads: Optional[int] = None, **values):
+        unknown = set(values) - set(options.OPTION)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {', '.join(sorted(unknown))}; the options are"
+                            f" {', '.join(options.OPTION)}")
+        self.__dict__["threads"] = threads
+        self.__dict__["values"] = {**options.defaults(), **values}
+
+    def __getattr__(self, name: str):
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"EngineSettings has no option '{name}'")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in options.OPTION:
+            self.values[name] = value
+        elif name == "threads":
+            self.__dict__["threads"] = value
+        else:
+            raise AttributeError(f"EngineSettings has no option '{name}'")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, EngineSettings) and (self.values, self.threads) == (other.values, other.threads)
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.values.items() if v != options.default(k)}
+        return f"EngineSettings({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
 
     def validate(self) -> None:
-        """Raise :class:`SAMIRInputError` for a setting the engine would refuse (before any process starts)."""
-        if self.mode not in MODES:
-            raise SAMIRInputError(f"unknown mode '{self.mode}'; choose one of {', '.join(MODES)}")
-        if self.mode == "network":
-            if not self.network_weights:
-                raise SAMIRInputError("the trained-network mode needs a SAMIR network checkpoint file; select one"
-                                      " (or use the zero-shot mode)")
-            if not Path(self.network_weights).is_file():
-                raise SAMIRInputError(f"network checkpoint '{self.network_weights}' does not exist")
-        elif self.refine_iterations:
-            raise SAMIRInputError("refinement steps continue from a trained network's field: they need the network mode")
-        if not isinstance(self.refine_iterations, int) or self.refine_iterations < 0:
-            raise SAMIRInputError(f"refinement steps must be a non-negative integer, got {self.refine_iterations!r}")
-        if self.encoder is not None and self.encoder not in ENCODERS:
-            raise SAMIRInputError(f"unknown encoder '{self.encoder}'; choose one of {', '.join(ENCODERS)}")
-        if self.encoder_weights and not Path(self.encoder_weights).is_file():
-            raise SAMIRInputError(f"encoder weights file '{self.encoder_weights}' does not exist")
-        if self.preset not in PRESETS:
-            raise SAMIRInputError(f"unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}")
-        if self.alignment not in ALIGNMENTS:
-            raise SAMIRInputError(f"unknown alignment '{self.alignment}'; choose one of {', '.join(ALIGNMENTS)}")
-        if self.device.split(":")[0] not in DEVICES:
-            raise SAMIRInputError(f"unknown device '{self.device}'; use auto, cpu, cuda, cuda:N or mps")
-        if self.normalization not in NORMALIZATIONS:
-            raise SAMIRInputError(f"unknown normalisation '{self.normalization}'; choose one of"
-                                  f" {', '.join(NORMALIZATIONS)}")
-        if self.levels is not None and self.levels < 1:
-            raise SAMIRInputError(f"pyramid levels must be at least 1, got {self.levels}")
-        if self.iterations is not None and (not len(self.iterations) or min(self.iterations) < 1):
-            raise SAMIRInputError(f"iterations per level must be positive integers, got {list(self.iterations)}")
-        if self.smoothness is not None and self.smoothness < 0:
-            raise SAMIRInputError(f"smoothness must not be negative, got {self.smoothness}")
-        if self.encoder_input_size is not None and (self.encoder_input_size < 16 or self.encoder_input_size % 16):
-            raise SAMIRInputError(f"encoder input size k must be a positive multiple of 16, got {self.encoder_input_size}")
+        """Raise :class:`SAMIRInputError` for what the engine would refuse (before any process starts)."""
+        options.check_values(self.values)
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise SAMIRInputError(f"threads must be a positive whole number, got {self.threads!r}")
 
     @property
     def uses_encoder(self) -> bool:
-        return self.mode == "network" or self.use_features
+        return "load encoder" in self.stages()
 
     def cli_arguments(self) -> List[str]:
-        args = ["--mode", self.mode, "--preset", self.preset, "--alignment", self.alignment, "--device", self.device,
-                "--normalization", self.normalization, "--seed", str(int(self.seed))]
-        if self.mode == "network":
-            args += ["--network", str(self.network_weights)]
-            if self.refine_iterations:
-                args += ["--refine", str(int(self.refine_iterations))]
-        if self.encoder:
-            args += ["--encoder", self.encoder]
-        if self.encoder_weights:
-            args += ["--encoder-weights", str(self.encoder_weights)]
-        if self.use_features and self.mode == "zeroshot":
-            args.append("--features")
-        if not self.use_feature_cache:
-            args.append("--no-cache")
-        if self.encoder_input_size:
-            args += ["--k", str(int(self.encoder_input_size))]
-        if self.levels:
-            args += ["--levels", str(int(self.levels))]
-        if self.iterations:
-            args += ["--iterations", ",".join(str(int(n)) for n in self.iterations)]
-        if self.smoothness is not None:
-            args += ["--smoothness", repr(float(self.smoothness))]
-        return args
+        return options.command_line(self.values)
 
     def register_options(self):
         """The same settings as a :class:`samir.register.RegistrationOptions` (imports torch)."""
         from samir.register import RegistrationOptions
-        return RegistrationOptions(
-            mode=self.mode, network=self.network_weights, refine_iterations=self.refine_iterations,
-            encoder=self.encoder, weights=self.encoder_weights, input_size=self.encoder_input_size,
-            preset=self.preset, alignment=self.alignment, device=self.device, normalization=self.normalization,
-            use_features=self.use_features and self.mode == "zeroshot", use_cache=self.use_feature_cache,
-            seed=self.seed,
-            optimizer={"levels": self.levels, "iterations": tuple(self.iterations) if self.iterations else None,
-                       "smoothness": self.smoothness})
+        return RegistrationOptions.from_values(self.values)
 
     def stages(self) -> List[str]:
         """The engine stages a run with these settings reports, in order."""
-        stages = ["align"] if self.alignment != "none" else []
-        stages.append("resample")
-        if self.uses_encoder:
-            stages += ["load encoder", "encode fixed", "encode moving"]
-        if self.mode == "network":
-            stages.append("network")
-        if self.mode == "zeroshot" or self.refine_iterations:
-            stages.append("optimise")
-        return stages + ["write outputs"]
+        return options.planned_stages(self.values)
 
     def stage_spans(self) -> Dict[str, tuple]:
         return stage_spans(self.stages())
@@ -252,6 +198,21 @@ def overall_fraction(stage: str, fraction: float, spans: Dict[str, tuple]) -> Op
     return start + (end - start) * min(1.0, max(0.0, float(fraction)))
 
 
+def wait_until_finished(task, timeout_s: Optional[float] = None, what: str = "task",
+                        pause: Callable[[], None] = lambda: time.sleep(0.05)) -> RunState:
+    """Poll ``task`` (``poll()``, ``cancel()``, ``state``, ``error_message``) until it finishes or
+    ``timeout_s`` passes, calling ``pause`` between polls (the Slicer module processes GUI events
+    there). A task stopped by the timeout is cancelled, which leaves the scene as it was."""
+    deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+    while not task.poll().finished:
+        if deadline is not None and time.perf_counter() > deadline:
+            task.cancel()
+            task.error_message = f"the {what} did not finish within {timeout_s:.0f} s and was stopped"
+            break
+        pause()
+    return task.state
+
+
 class EngineProcess:
     """One command in its own process group; output lines parsed into log and progress on ``poll``."""
 
@@ -332,15 +293,8 @@ class EngineProcess:
                 self._finish()
         return self.state
 
-    def wait(self, timeout_s: Optional[float] = None, poll_interval_s: float = 0.05) -> RunState:
-        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
-        while self.poll() == RunState.RUNNING:
-            if deadline is not None and time.perf_counter() > deadline:
-                self.cancel()
-                self.error_message = f"the SAMIR engine did not finish within {timeout_s:.0f} s and was stopped"
-                break
-            time.sleep(poll_interval_s)
-        return self.state
+    def wait(self, timeout_s: Optional[float] = None) -> RunState:
+        return wait_until_finished(self, timeout_s, "SAMIR engine")
 
     def cancel(self) -> None:
         """Kill the process and all its children; the state becomes CANCELLED."""
@@ -488,13 +442,7 @@ class EngineRun:
             self.state = RunState.CANCELLED
 
     def wait(self, timeout_s: Optional[float] = None) -> RunState:
-        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
-        while not self.poll().finished:
-            if deadline is not None and time.perf_counter() > deadline:
-                self.cancel()
-                break
-            time.sleep(0.05)
-        return self.state
+        return wait_until_finished(self, timeout_s, "SAMIR engine")
 
     def _log(self, text: str) -> None:
         if self.on_log:

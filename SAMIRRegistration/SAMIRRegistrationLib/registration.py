@@ -25,6 +25,7 @@ from .engine_runner import (
     LogCallback,
     RunState,
     SubprocessEngineRun,
+    wait_until_finished,
 )
 from .grid_transforms import add_grid_transform_node, update_grid_transform_node
 from .segmentations import check_segmentation, copy_segmentation_into, propagate_segmentation
@@ -82,19 +83,6 @@ class SceneUndoList:
             if node.GetScene() is not None:
                 remove_node(node)
         self.created.clear()
-
-
-def wait_until_finished(task, timeout_s: Optional[float], what: str) -> RunState:
-    """Poll ``task`` (``poll()``, ``cancel()``, ``state``, ``error_message``) until it finishes or
-    ``timeout_s`` passes; a task stopped by the timeout is cancelled, which leaves the scene as it was."""
-    deadline = None if timeout_s is None else time.perf_counter() + timeout_s
-    while not task.poll().finished:
-        if deadline is not None and time.perf_counter() > deadline:
-            task.cancel()
-            task.error_message = f"the {what} did not finish within {timeout_s:.0f} s and was stopped"
-            break
-        time.sleep(0.05)
-    return task.state
 
 
 class ReportingTask:

@@ -20,10 +20,9 @@ from typing import Dict, List, Optional
 
 from samir.geometry import SAMIRInputError
 
-from .engine_runner import EngineProgress, EngineRun, EngineSettings, LogCallback, RunState
+from .engine_runner import EngineProgress, EngineRun, EngineSettings, LogCallback, RunState, wait_until_finished
 from .grid_transforms import add_grid_transform_node
-from .registration import (EngineRunFactory, ProgressCallback, ReportingTask, SceneUndoList,
-                           subprocess_engine_runs, wait_until_finished)
+from .registration import EngineRunFactory, ProgressCallback, ReportingTask, SceneUndoList, subprocess_engine_runs
 from .segmentations import check_segmentation, propagate_segmentation
 from .volumes import node_label, remove_node, volume_from_node
 

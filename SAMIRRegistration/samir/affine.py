@@ -34,7 +34,7 @@ from .options import ALIGNMENTS
 from .spatial import gaussian_smooth
 from .stepper import Adam, RepeatedStep
 
-ALIGNMENT_MODES = ALIGNMENTS
+
 GRID_VOXELS = (32 ** 3, 64 ** 3)  # voxels of the alignment grids, coarse to fine
 MAX_SCALE = 2.0  # an axis scaled by more than this (or less than its inverse) is not a plausible pair
 MIN_IMPROVEMENT = 1e-3  # loss the alignment must gain over the identity to be used
@@ -210,8 +210,8 @@ def align_affine(fixed01: Volume, moving01: Volume, mode: str = "affine", fixed_
 
     ``mode``: ``"affine"`` (12 parameters), ``"rigid"`` (6) or ``"none"``. Masks (on their images' grids,
     1 = use) restrict the similarity. Returns the map and whether it was used (see the module docstring)."""
-    if mode not in ALIGNMENT_MODES:
-        raise ValueError(f"unknown alignment '{mode}'; choose one of {', '.join(ALIGNMENT_MODES)}")
+    if mode not in ALIGNMENTS:
+        raise ValueError(f"unknown alignment '{mode}'; choose one of {', '.join(ALIGNMENTS)}")
     if mode == "none":
         return identity_alignment()
     device = device or torch.device("cpu")

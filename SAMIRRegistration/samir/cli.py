@@ -1,4 +1,9 @@
-"""Command line: ``samir register``, ``samir demo`` (training and evaluation commands: :mod:`samir.commands`)."""
+"""Command line: ``samir register | demo | info | weights | cache`` and the training commands of
+:mod:`samir.commands`, dispatched from one table (:data:`COMMANDS`).
+
+Registration options come from the schema in :mod:`samir.options`; this module only adds the
+commands' own arguments (inputs, output folder, progress style).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,195 +11,63 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from .affine import ALIGNMENT_MODES
-from .encoders import ENCODERS
-from .geometry import SAMIRInputError
-from .intensity import NORMALIZATIONS
-from .register import PRESETS, RegistrationOptions, stage_times
-
-STAGES = ("align", "resample", "load encoder", "encode fixed", "encode moving", "optimise", "write outputs")
+from .commands import TRAINING_COMMANDS, Command
+from .errors import SAMIRInputError
+from .options import add_registration_arguments
+from .progress import PROGRESS_STYLES, StageProgress
 
 
-class StageProgress:
-    """One progress bar per stage on stderr (``bar``), JSON lines on stdout (``json``) or nothing."""
-
-    def __init__(self, style: str = "bar"):
-        self.style = style
-        self.stage = None
-        self.bar = None
-        self.started = time.perf_counter()
-
-    def __call__(self, stage: str, fraction: float) -> None:
-        if self.style == "none":
-            return
-        if self.style == "json":
-            print(json.dumps({"stage": stage, "fraction": round(float(fraction), 4),
-                              "elapsed_s": round(time.perf_counter() - self.started, 2)}), flush=True)
-            return
-        from tqdm import tqdm
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=100, desc=f"{stage:<14}", unit="%", file=sys.stderr, leave=True,
-                            bar_format="{desc} {bar} {percentage:3.0f}% [{elapsed}]")
-        self.bar.n = int(round(100 * fraction))
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+def _add_register_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("fixed")
+    parser.add_argument("moving")
+    parser.add_argument("--moving-seg", help="label map on the moving image, propagated to the fixed grid")
+    parser.add_argument("--fixed-seg", help="label map on the fixed image (Dice in summary.json)")
+    parser.add_argument("--fixed-mask", help="restrict the similarity to this mask on the fixed image")
+    parser.add_argument("--moving-mask", help="restrict the similarity to this mask on the moving image")
+    parser.add_argument("--out", default="samir_out", help="output folder (default: samir_out)")
+    parser.add_argument("--progress", default="bar", choices=PROGRESS_STYLES)
+    parser.add_argument("--transform-format", default="h5", choices=("h5", "tfm"),
+                        help="file format of the displacement-field transform (tfm is text, ~20x larger)")
+    add_registration_arguments(parser)
 
 
-def add_registration_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", default="zeroshot", choices=("zeroshot", "network"),
-                        help="zeroshot (default): optimise the pyramid for this pair; network: one forward pass of a"
-                             " trained SAMIR network (--weights CKPT), optionally refined (--refine N)")
-    parser.add_argument("--encoder", choices=ENCODERS,
-                        help="frozen image encoder (default: litemedsam, or the encoder the network was trained on)")
-    parser.add_argument("--weights", help="zeroshot: encoder checkpoint file (SAM / MedSAM); network: the trained"
-                                          " SAMIR network checkpoint")
-    parser.add_argument("--network", help="trained SAMIR network checkpoint (same as --weights in network mode)")
-    parser.add_argument("--encoder-weights", help="encoder checkpoint file, in any mode")
-    parser.add_argument("--refine", type=int, default=0, metavar="N",
-                        help="network mode: N instance-optimisation steps per level (two finest levels) from the"
-                             " network's field")
-    parser.add_argument("--k", type=int, dest="input_size", help="encoder input size (SAM ViT: multiple of 16, default 512)")
-    parser.add_argument("--preset", default="balanced", choices=tuple(PRESETS), help="speed/accuracy trade-off")
-    parser.add_argument("--similarity", default="auto", choices=("auto", "ncc", "mind"),
-                        help="image similarity: ncc (local NCC, same contrast), mind (MIND-SSC, any contrast, e.g. T1 vs"
-                             " T2) or auto (default: ncc unless fixed and moving intensities are anti-correlated)")
-    parser.add_argument("--alignment", default="rigid", choices=ALIGNMENT_MODES,
-                        help="pre-alignment in physical space before the deformable stage, kept only where it improves"
-                             " the similarity: rigid (default: rotation and translation, e.g. two sessions, or origins"
-                             " that disagree), affine (adds scaling and shear, e.g. subjects of different size) or none"
-                             " (the images are aligned by their geometry)")
-    parser.add_argument("--histogram-matching", action="store_true",
-                        help="zero-shot with ncc: map the moving intensities onto the fixed image's histogram first"
-                             " (for a non-linear intensity change between same-contrast scans, e.g. another scanner"
-                             " or gamma; not where structures change size, e.g. cardiac phases)")
-    parser.add_argument("--no-intensity-map", action="store_true",
-                        help="zero-shot with ncc: do not map the moving intensities by the monotone map fitted on the"
-                             " pair as aligned by the coarser levels (on by default)")
-    parser.add_argument("--no-noise-smoothing", action="store_true",
-                        help="zero-shot with ncc: do not smooth both images at the pyramid levels where the noisier"
-                             " one's estimated white noise is strong (on by default)")
-    parser.add_argument("--ssd-weight", type=float,
-                        help="zero-shot with ncc: weight of the squared difference of the fixed and the intensity-mapped,"
-                             " bias-corrected moving image beside local NCC (default 0.5; 0 turns it off)")
-    parser.add_argument("--noise-smoothness-factor", type=float,
-                        help="zero-shot with ncc: the diffusion weight of a pyramid level rises with its estimated"
-                             " noise up to this many times the smoothness (default 4; 1 keeps it constant)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--normalization", default="auto", choices=NORMALIZATIONS,
-                        help="intensity normalisation: mr = percentile clip, ct = HU window [-500, 800]")
-    parser.add_argument("--slicing-axis", type=int, choices=(0, 1, 2),
-                        help="array axis (z=0, y=1, x=2) the 2D encoder slices along (default: largest spacing,"
-                             " or the axis with the fewest slices for isotropic volumes)")
-    parser.add_argument("--slice-stride", type=int, help="encode every n-th slice (default: automatic)")
-    parser.add_argument("--features", action="store_true",
-                        help="guide the coarse levels with frozen encoder features (SAFE); off by default until it"
-                             " measurably helps (see README)")
-    parser.add_argument("--levels", type=int, help="pyramid levels (default 5)")
-    parser.add_argument("--finest-level", type=int, help="finest optimised level (1 = full resolution)")
-    parser.add_argument("--iterations", type=lambda s: tuple(int(x) for x in s.split(",")),
-                        help="iterations per level, coarsest first, e.g. 80,80,60,50")
-    parser.add_argument("--smoothness", type=float, help="weight of the diffusion regulariser")
-    parser.add_argument("--feature-weight", type=float, help="weight of the feature similarity")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-cache", action="store_true",
-                        help="neither reuse nor store encoder features in the feature cache (see samir cache)")
-
-
-def options_from_args(args: argparse.Namespace) -> RegistrationOptions:
-    if args.mode == "network":
-        network, encoder_weights = args.network or args.weights, args.encoder_weights
-        if args.network and args.weights and args.network != args.weights:
-            raise SAMIRInputError("network mode: give the network checkpoint once (--weights or --network); the"
-                                  " encoder checkpoint goes with --encoder-weights")
-    else:
-        network, encoder_weights = args.network, args.encoder_weights or args.weights
-    return RegistrationOptions(
-        mode=args.mode, network=network, refine_iterations=args.refine,
-        encoder=args.encoder, weights=encoder_weights, input_size=args.input_size, preset=args.preset,
-        similarity=args.similarity, histogram_matching=args.histogram_matching, alignment=args.alignment,
-        device=args.device, normalization=args.normalization, slicing_axis=args.slicing_axis,
-        slice_stride=args.slice_stride, use_features=args.features, seed=args.seed, use_cache=not args.no_cache,
-        optimizer={"levels": args.levels, "finest_level": args.finest_level, "iterations": args.iterations,
-                   "smoothness": args.smoothness, "feature_weight": args.feature_weight,
-                   "joint_intensity_map": False if args.no_intensity_map else None,
-                   "noise_smoothing": False if args.no_noise_smoothing else None, "ssd_weight": args.ssd_weight,
-                   "noise_smoothness_factor": args.noise_smoothness_factor})
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samir", description="SAMIR deformable 3D registration with frozen SAM-family encoders")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    reg = sub.add_parser("register", help="register MOVING onto FIXED")
-    reg.add_argument("fixed")
-    reg.add_argument("moving")
-    reg.add_argument("--moving-seg", help="label map on the moving image, propagated to the fixed grid")
-    reg.add_argument("--fixed-seg", help="label map on the fixed image (Dice in summary.json)")
-    reg.add_argument("--fixed-mask", help="restrict the similarity to this mask on the fixed image")
-    reg.add_argument("--moving-mask", help="restrict the similarity to this mask on the moving image")
-    reg.add_argument("--out", default="samir_out", help="output folder (default: samir_out)")
-    reg.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
-    reg.add_argument("--transform-format", default="h5", choices=("h5", "tfm"),
-                     help="file format of the displacement-field transform (tfm is text, ~20x larger)")
-    add_registration_arguments(reg)
-
-    info = sub.add_parser("info", help="describe a trained SAMIR network checkpoint: config, parameters, multiply-adds")
-    info.add_argument("checkpoint")
-    info.add_argument("--shape", default="160,192,224", help="volume size z,y,x for the multiply-add count")
-    info.add_argument("--json", action="store_true", help="print JSON")
-
-    demo = sub.add_parser("demo", help="register MNI152 to a deformed, contrast-changed, noisy copy of itself")
-    demo.add_argument("--out", default="samir_demo", help="output folder (default: samir_demo)")
-    demo.add_argument("--resolution", type=int, default=2, help="template voxel size in mm (default 2)")
-    demo.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
-    add_registration_arguments(demo)
-    add_store_parsers(sub)
-    from .commands import add_parsers as add_training_parsers  # features, train, evaluate, register-batch
-    add_training_parsers(sub)
-    return parser
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="samir: %(message)s")
-    try:
-        import torch
-        torch.set_num_threads(max(1, int(os.environ.get("SAMIR_THREADS", os.cpu_count() or 1))))
-        if args.command == "info":
-            return print_network_info(args)
-        if args.command in ("weights", "cache"):
-            return run_store_command(args)
-        from .commands import COMMANDS as TRAINING_COMMANDS, run as run_training_command
-        if args.command in TRAINING_COMMANDS:
-            return run_training_command(args)
-        progress = StageProgress(args.progress)
-        options = options_from_args(args)
-        if args.command == "register":
-            from .pipeline import run_registration
-            summary = run_registration(args.fixed, args.moving, args.out, moving_seg_path=args.moving_seg,
-                                       fixed_seg_path=args.fixed_seg, fixed_mask_path=args.fixed_mask,
-                                       moving_mask_path=args.moving_mask, options=options, progress=progress,
-                                       transform_format=args.transform_format)
-            progress.close()
-            print_summary(summary, args.out)
-        else:
-            from .demo import run_demo
-            run_demo(args.out, options=options, resolution=args.resolution, progress=progress)
-            progress.close()
-    except SAMIRInputError as exc:
-        print(f"samir: error: {exc}", file=sys.stderr)
-        return 2
+def run_register(args: argparse.Namespace) -> int:
+    from .pipeline import run_registration
+    from .register import RegistrationOptions
+    options = RegistrationOptions.from_arguments(args)
+    progress = StageProgress(args.progress)
+    summary = run_registration(args.fixed, args.moving, args.out, moving_seg_path=args.moving_seg,
+                               fixed_seg_path=args.fixed_seg, fixed_mask_path=args.fixed_mask,
+                               moving_mask_path=args.moving_mask, options=options, progress=progress,
+                               transform_format=args.transform_format)
+    progress.close()
+    print_summary(summary, args.out)
     return 0
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="samir_demo", help="output folder (default: samir_demo)")
+    parser.add_argument("--resolution", type=int, default=2, help="template voxel size in mm (default 2)")
+    parser.add_argument("--progress", default="bar", choices=PROGRESS_STYLES)
+    add_registration_arguments(parser)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo as demo
+    from .register import RegistrationOptions
+    progress = StageProgress(args.progress)
+    demo(args.out, options=RegistrationOptions.from_arguments(args), resolution=args.resolution, progress=progress)
+    progress.close()
+    return 0
+
+
+def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint")
+    parser.add_argument("--shape", default="160,192,224", help="volume size z,y,x for the multiply-add count")
+    parser.add_argument("--json", action="store_true", help="print JSON")
 
 
 def print_network_info(args: argparse.Namespace) -> int:
@@ -221,6 +94,7 @@ def print_network_info(args: argparse.Namespace) -> int:
 
 
 def print_summary(summary: dict, out_dir: str) -> None:
+    from .register import stage_times
     print(stage_times(summary))
     for note in summary.get("notes", []):
         print(f"note: {note}")
@@ -230,11 +104,9 @@ def print_summary(summary: dict, out_dir: str) -> None:
     print(f"outputs in {out_dir}: " + ", ".join(summary["outputs"].values()))
 
 
-def add_store_parsers(sub) -> None:
-    """``samir weights`` (encoder checkpoints) and ``samir cache`` (encoder features)."""
+def _add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     from .weights import REGISTRY
-    weights = sub.add_parser("weights", help="SAM / MedSAM encoder checkpoints: list, download, verify")
-    actions = weights.add_subparsers(dest="action", required=True)
+    actions = parser.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="known checkpoints, where they go and whether they are there")
     fetch = actions.add_parser("fetch", help="download and verify a checkpoint into the weights folder")
     fetch.add_argument("name", choices=tuple(REGISTRY))
@@ -242,8 +114,10 @@ def add_store_parsers(sub) -> None:
     verify = actions.add_parser("verify", help="check checkpoints against their pinned checksums")
     verify.add_argument("name", nargs="?", choices=tuple(REGISTRY), help="one checkpoint (default: all present)")
     verify.add_argument("--file", help="check this file instead of the one in the weights folder (needs NAME)")
-    cache = sub.add_parser("cache", help="encoder-feature cache: info, clear")
-    actions = cache.add_subparsers(dest="action", required=True)
+
+
+def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
     actions.add_parser("info", help="where the cache is, how many entries, how large")
     actions.add_parser("clear", help="delete every cached feature entry")
 
@@ -300,6 +174,42 @@ def run_store_command(args: argparse.Namespace) -> int:
             weights.mark_verified(path)
         print(f"{name}: OK {path}")
     return 1 if failed else 0
+
+
+COMMANDS: Dict[str, Command] = {
+    "register": Command("register MOVING onto FIXED", _add_register_arguments, run_register),
+    "info": Command("describe a trained SAMIR network checkpoint: config, parameters, multiply-adds",
+                    _add_info_arguments, print_network_info),
+    "demo": Command("register MNI152 to a deformed, contrast-changed, noisy copy of itself", _add_demo_arguments,
+                    run_demo),
+    "weights": Command("SAM / MedSAM encoder checkpoints: list, download, verify", _add_weights_arguments,
+                       run_store_command),
+    "cache": Command("encoder-feature cache: info, clear", _add_cache_arguments, run_store_command),
+    **TRAINING_COMMANDS,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samir",
+                                     description="SAMIR deformable 3D registration with frozen SAM-family encoders")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = COMMANDS[args.command]
+    logging.basicConfig(level=logging.WARNING, format="samir: %(message)s")
+    logging.getLogger("samir").setLevel(command.log_level)
+    try:
+        import torch
+        torch.set_num_threads(max(1, int(os.environ.get("SAMIR_THREADS", os.cpu_count() or 1))))
+        return command.run(args)
+    except SAMIRInputError as exc:
+        print(f"samir: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

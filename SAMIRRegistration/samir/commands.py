@@ -1,6 +1,7 @@
-"""Command line for training and evaluation: ``samir features | train | evaluate | register-batch``.
+"""Training and evaluation commands: ``samir features | train | evaluate | register-batch``.
 
-Kept apart from :mod:`samir.cli` (which only adds these parsers and dispatches to :func:`run`).
+Each command is a :class:`Command` (help, its arguments, what it runs); :mod:`samir.cli` puts these
+beside its own in the one command table it dispatches from. This module does not import the CLI.
 """
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable, Dict, NamedTuple
 
-from .geometry import SAMIRInputError
+from .errors import SAMIRInputError
+from .options import add_registration_arguments
+from .progress import PROGRESS_STYLES
 
-COMMANDS = ("features", "train", "evaluate", "register-batch")
+
+class Command(NamedTuple):
+    """One ``samir`` command: its help line, what adds its arguments, what runs it (-> exit code)."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    log_level: int = logging.WARNING  # of the "samir" logger while it runs
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,49 +33,49 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_parsers(sub) -> None:
-    from .cli import add_registration_arguments
-    features = sub.add_parser("features", help="precompute the encoder features of a dataset into the feature cache")
-    features.add_argument("config", help="training configuration (TOML or YAML)")
-    features.add_argument("--splits", default="", help="comma-separated splits (default: every split of the config)")
-    _config_arguments(features)
+def _add_features_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="training configuration (TOML or YAML)")
+    parser.add_argument("--splits", default="", help="comma-separated splits (default: every split of the config)")
+    _config_arguments(parser)
 
-    train = sub.add_parser("train", help="train a SAMIR network (head + PDFP) as a configuration file says")
-    train.add_argument("config", help="training configuration (TOML or YAML); see configs/ and the README")
-    train.add_argument("--restart", action="store_true",
-                       help="start over even if the output folder holds a training state (default: resume it)")
-    _config_arguments(train)
 
-    evaluate = sub.add_parser("evaluate", help="Dice, HD95, SDlogJ, folding, runtime of trained networks and baselines")
-    evaluate.add_argument("config", nargs="?", help="training configuration whose data (and output folder) to use")
-    evaluate.add_argument("--pairs",
-                          help="CSV/JSON of pairs (fixed, moving, fixed_seg, moving_seg) instead of a configuration")
-    evaluate.add_argument("--weights", help="SAMIR network checkpoint (default: model_best.pt in train.output_dir)")
-    evaluate.add_argument("--name", default="SAMIR", help="name of that network in the report (default SAMIR)")
-    evaluate.add_argument("--baseline", action="append", default=[], metavar="METHOD",
-                          help="also evaluate: identity, zeroshot[:PRESET], or NAME=CKPT (another checkpoint,"
-                               " e.g. an ablation); repeatable")
-    evaluate.add_argument("--split",
-                          help="split to evaluate (default: evaluation.split of the config, 'all' for --pairs)")
-    evaluate.add_argument("--hd95-units", choices=("mm", "voxels", "both"),
-                          help="HD95 in mm (MemWarp protocol) or voxels (Learn2Reg protocol); default: mm for ACDC"
-                               " and pairs, voxels for AbdomenCTCT")
-    evaluate.add_argument("--robustness", action="append", default=[], metavar="KIND[=S1,S2,...]",
-                          help="robustness sweep: gamma or noise with strengths, e.g. gamma=0.5,1,2; repeatable")
-    evaluate.add_argument("--perturb", default="moving", choices=("moving", "both"),
-                          help="robustness: perturb the moving image (default) or both")
-    evaluate.add_argument("--max-pairs", type=int, default=0, help="evaluate only the first N pairs")
-    evaluate.add_argument("--no-cache", action="store_true", help="encode features afresh (true encoder runtime)")
-    evaluate.add_argument("--out", help="report folder (default: <train.output_dir>/evaluation-<split>)")
-    _config_arguments(evaluate)
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="training configuration (TOML or YAML); see configs/ and the README")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over even if the output folder holds a training state (default: resume it)")
+    _config_arguments(parser)
 
-    batch = sub.add_parser("register-batch", help="register the pairs of a CSV/JSON file (spread over torchrun ranks)")
-    batch.add_argument("pairs", help="CSV/JSON with fixed, moving[, fixed_seg, moving_seg, fixed_mask, moving_mask,"
-                                     " name, out]")
-    batch.add_argument("--out", default="samir_batch", help="output folder (default: samir_batch)")
-    batch.add_argument("--progress", default="none", choices=("bar", "json", "none"))
-    batch.add_argument("--transform-format", default="h5", choices=("h5", "tfm"))
-    add_registration_arguments(batch)
+
+def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="training configuration whose data (and output folder) to use")
+    parser.add_argument("--pairs", help="CSV/JSON of pairs (fixed, moving, fixed_seg, moving_seg) instead of a"
+                                        " configuration")
+    parser.add_argument("--weights", help="SAMIR network checkpoint (default: model_best.pt in train.output_dir)")
+    parser.add_argument("--name", default="SAMIR", help="name of that network in the report (default SAMIR)")
+    parser.add_argument("--baseline", action="append", default=[], metavar="METHOD",
+                        help="also evaluate: identity, zeroshot[:PRESET], or NAME=CKPT (another checkpoint,"
+                             " e.g. an ablation); repeatable")
+    parser.add_argument("--split", help="split to evaluate (default: evaluation.split of the config, 'all' for --pairs)")
+    parser.add_argument("--hd95-units", choices=("mm", "voxels", "both"),
+                        help="HD95 in mm (MemWarp protocol) or voxels (Learn2Reg protocol); default: mm for ACDC"
+                             " and pairs, voxels for AbdomenCTCT")
+    parser.add_argument("--robustness", action="append", default=[], metavar="KIND[=S1,S2,...]",
+                        help="robustness sweep: gamma or noise with strengths, e.g. gamma=0.5,1,2; repeatable")
+    parser.add_argument("--perturb", default="moving", choices=("moving", "both"),
+                        help="robustness: perturb the moving image (default) or both")
+    parser.add_argument("--max-pairs", type=int, default=0, help="evaluate only the first N pairs")
+    parser.add_argument("--no-cache", action="store_true", help="encode features afresh (true encoder runtime)")
+    parser.add_argument("--out", help="report folder (default: <train.output_dir>/evaluation-<split>)")
+    _config_arguments(parser)
+
+
+def _add_register_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pairs", help="CSV/JSON with fixed, moving[, fixed_seg, moving_seg, fixed_mask, moving_mask,"
+                                      " name, out]")
+    parser.add_argument("--out", default="samir_batch", help="output folder (default: samir_batch)")
+    parser.add_argument("--progress", default="none", choices=PROGRESS_STYLES)
+    parser.add_argument("--transform-format", default="h5", choices=("h5", "tfm"))
+    add_registration_arguments(parser)
 
 
 def _load(args: argparse.Namespace):
@@ -75,17 +86,6 @@ def _load(args: argparse.Namespace):
     if args.no_progress:
         config.train.progress = False
     return config
-
-
-def run(args: argparse.Namespace) -> int:
-    logging.getLogger("samir").setLevel(logging.INFO)
-    if args.command == "features":
-        return run_features(args)
-    if args.command == "train":
-        return run_train(args)
-    if args.command == "evaluate":
-        return run_evaluate(args)
-    return run_register_batch(args)
 
 
 def run_features(args: argparse.Namespace) -> int:
@@ -174,8 +174,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_register_batch(args: argparse.Namespace) -> int:
     from .batch import register_batch
-    from .cli import StageProgress, options_from_args
-    options = options_from_args(args)
+    from .progress import StageProgress
+    from .register import RegistrationOptions
+    options = RegistrationOptions.from_arguments(args)
     progress = StageProgress(args.progress) if args.progress != "none" else None
     rows = register_batch(args.pairs, args.out, options, progress=progress, transform_format=args.transform_format)
     failed = [r for r in rows if r["status"] != "ok"]
@@ -185,3 +186,15 @@ def run_register_batch(args: argparse.Namespace) -> int:
         print(f"{len(rows) - len(failed)} of {len(rows)} pairs registered; summary in"
               f" {Path(args.out) / 'batch_summary.csv'}")
     return 1 if failed else 0
+
+
+TRAINING_COMMANDS: Dict[str, Command] = {
+    "features": Command("precompute the encoder features of a dataset into the feature cache",
+                        _add_features_arguments, run_features, logging.INFO),
+    "train": Command("train a SAMIR network (head + PDFP) as a configuration file says", _add_train_arguments,
+                     run_train, logging.INFO),
+    "evaluate": Command("Dice, HD95, SDlogJ, folding, runtime of trained networks and baselines",
+                        _add_evaluate_arguments, run_evaluate, logging.INFO),
+    "register-batch": Command("register the pairs of a CSV/JSON file (spread over torchrun ranks)",
+                              _add_register_batch_arguments, run_register_batch, logging.INFO),
+}

@@ -16,11 +16,9 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import SAMIRInputError  # noqa: F401 - re-exported: the engine's error type
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-class SAMIRInputError(ValueError):
-    """An input the engine cannot register, with a message that names the problem."""
 
 
 @dataclass

@@ -17,17 +17,17 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .encoders import ENCODERS, SliceEncoder, build_encoder
+from .encoders import SliceEncoder, build_encoder
 from .feature_cache import FeatureCache
 from .features import (auto_slice_stride, choose_slicing_axis, default_encoder_batch_size, encode_volume,
                        fit_channel_reduction, reduce_channels, remove_frame_component)
-from .affine import ALIGNMENT_MODES, align_affine, compose_with_affine, identity_alignment
+from .affine import align_affine, compose_with_affine, identity_alignment
 from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps, from_sitk, to_sitk
 from .intensity import intensity_rank_correlation, match_histogram, normalize_intensity, resolve_normalization
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
 from .resources import (check_host_memory, estimate_peak_memory_mb, host_peak_rss_mb, resolve_device,
                         run_with_oom_fallback)
-from .options import MODES, SIMILARITIES
+from .options import OPTION, check_values, default, registration_values, split_values
 from .options import PRESETS as PRESET_NAMES
 from .zeroshot import OptimizerSettings, optimize_pyramid, optimised_level_shapes
 
@@ -53,30 +53,47 @@ SAME_CONTRAST_MIN_CORRELATION = 0.2
 
 @dataclass
 class RegistrationOptions:
-    mode: str = "zeroshot"  # or "network": a trained SAMIR network (``network``), optionally refined
-    encoder: Optional[str] = None  # None: litemedsam, or the encoder the network was trained on
-    weights: Optional[str] = None  # encoder checkpoint (SAM / MedSAM)
-    network: Optional[str] = None  # SAMIR network checkpoint (mode "network")
-    refine_iterations: int = 0  # network mode: instance-optimisation steps per level after the forward pass
-    input_size: Optional[int] = None  # encoder k
-    preset: str = "balanced"
-    similarity: str = "auto"  # image similarity: ncc, mind, or auto (ncc unless the contrasts are reversed)
-    # zero-shot with NCC: moving intensities mapped onto the fixed histogram first. Off by default: where
-    # structures change size (cardiac phases, growth) the map reshapes soft edges and mimics the deformation.
-    histogram_matching: bool = False
-    # pre-alignment in physical space (affine.py): rigid by default, since a scaling fitted on a pair whose
-    # structures change size (cardiac phases) would scale the whole body; "affine" for another subject's size
-    alignment: str = "rigid"
-    device: str = "auto"
-    normalization: str = "auto"
-    slicing_axis: Optional[int] = None  # in the fixed array's (z, y, x) axes
+    """One registration's options: the fields of :data:`samir.options.OPTIONS` that are not optimiser
+    overrides (their defaults come from there), the overrides in ``optimizer``, and a few settings for
+    programs rather than users."""
+
+    mode: str = default("mode")
+    encoder: Optional[str] = default("encoder")
+    encoder_weights: Optional[str] = default("encoder_weights")
+    network: Optional[str] = default("network")
+    refine_iterations: int = default("refine_iterations")
+    input_size: Optional[int] = default("input_size")
+    preset: str = default("preset")
+    similarity: str = default("similarity")
+    histogram_matching: bool = default("histogram_matching")
+    alignment: str = default("alignment")
+    device: str = default("device")
+    normalization: str = default("normalization")
+    slicing_axis: Optional[int] = default("slicing_axis")  # in the fixed array's (z, y, x) axes
+    use_features: bool = default("use_features")
+    slice_stride: Optional[int] = default("slice_stride")
+    seed: int = default("seed")
+    use_cache: bool = default("use_cache")
+    optimizer: dict = field(default_factory=dict)  # overrides of OptimizerSettings (options with optimizer=True)
     feature_channels: int = 16
-    use_features: bool = False  # encoder-feature guidance of the coarse levels (see README: not yet a gain)
     encoder_batch_size: Optional[int] = None  # None: 32 on CUDA, 1 on CPU
-    slice_stride: Optional[int] = None  # encode every n-th slice; None: match the in-plane feature spacing
-    seed: int = 0
-    use_cache: bool = True  # reuse / store encoder features on disk (feature_cache.py; --no-cache)
-    optimizer: dict = field(default_factory=dict)  # overrides of OptimizerSettings
+
+    @classmethod
+    def from_values(cls, values: dict) -> "RegistrationOptions":
+        """Options from ``{name: value}`` of :data:`samir.options.OPTIONS` (unchecked: see :meth:`validate`)."""
+        fields, overrides = split_values(values)
+        return cls(**fields, optimizer=overrides)
+
+    @classmethod
+    def from_arguments(cls, namespace) -> "RegistrationOptions":
+        """Options from a namespace parsed with :func:`samir.options.add_registration_arguments`."""
+        return cls.from_values(registration_values(namespace))
+
+    def option_values(self) -> dict:
+        """``{name: value}`` of the schema's options (the overrides among them)."""
+        values = {name: getattr(self, name) for name in OPTION if not OPTION[name].optimizer}
+        values.update({k: v for k, v in self.optimizer.items() if k in OPTION})
+        return values
 
     def settings(self) -> OptimizerSettings:
         if self.preset not in PRESETS:
@@ -88,33 +105,14 @@ class RegistrationOptions:
         settings = OptimizerSettings(**values)
         if not 1 <= settings.finest_level <= settings.levels:
             raise SAMIRInputError(f"finest level {settings.finest_level} must be between 1 and levels = {settings.levels}")
-        if settings.ssd_weight < 0 or settings.ssd_gain_sigma_mm < 0:
-            raise SAMIRInputError(f"the squared-difference weight and its gain's Gaussian must not be negative, got"
-                                  f" {settings.ssd_weight} and {settings.ssd_gain_sigma_mm} mm")
-        if settings.noise_smoothness_factor < 1:
-            raise SAMIRInputError(f"the noise smoothness factor multiplies the diffusion weight at noisy levels and must"
-                                  f" be at least 1 (1: constant), got {settings.noise_smoothness_factor}")
+        if settings.ssd_gain_sigma_mm < 0:
+            raise SAMIRInputError(f"the squared-difference gain's Gaussian must not be negative, got"
+                                  f" {settings.ssd_gain_sigma_mm} mm")
         return settings
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise SAMIRInputError(f"unknown mode '{self.mode}'; choose one of {', '.join(MODES)}")
-        if self.encoder is not None and self.encoder not in ENCODERS:
-            raise SAMIRInputError(f"unknown encoder '{self.encoder}'; choose one of {', '.join(ENCODERS)}")
-        if self.alignment not in ALIGNMENT_MODES:
-            raise SAMIRInputError(f"unknown alignment '{self.alignment}'; choose one of {', '.join(ALIGNMENT_MODES)}")
-        if self.similarity not in SIMILARITIES:
-            raise SAMIRInputError(f"unknown similarity '{self.similarity}'; choose one of {', '.join(SIMILARITIES)}")
-        if self.slicing_axis not in (None, 0, 1, 2):
-            raise SAMIRInputError(f"slicing axis must be 0, 1 or 2 (z, y, x), got {self.slicing_axis}")
-        if self.mode == "network" and not self.network:
-            raise SAMIRInputError("mode 'network' needs a trained SAMIR network checkpoint (--network CKPT)")
-        if self.mode != "network" and self.network:
-            raise SAMIRInputError("a network checkpoint was given but the mode is zero-shot: add --mode network")
-        if not isinstance(self.refine_iterations, int) or self.refine_iterations < 0:
-            raise SAMIRInputError(f"refine iterations must be a non-negative integer, got {self.refine_iterations!r}")
-        if self.refine_iterations and self.mode != "network":
-            raise SAMIRInputError("--refine continues from a trained network's field: it needs --mode network")
+        """The schema's checks (each option, and how they combine), then the device and the preset."""
+        check_values(self.option_values())
         resolve_device(self.device)
         self.settings()
 
@@ -292,7 +290,7 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
         t0 = time.perf_counter()
         if encoder is None:
             report("load encoder", 0.0)
-            encoder = build_encoder(encoder_name, options.weights, input_size)
+            encoder = build_encoder(encoder_name, options.encoder_weights, input_size)
         if model is not None and (encoder.name != model.config.encoder or encoder.input_size != model.config.input_size):
             raise SAMIRInputError(f"the network was trained on {model.config.encoder} (k = {model.config.input_size})"
                                   f" features, the encoder given is {encoder.name} (k = {encoder.input_size})")
