@@ -17,14 +17,24 @@ Conventions (stated here once; every other module relies on them):
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from .stepper import device_constant
-
 Shape3 = Sequence[int]
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False):  # made under inference mode it could not join a later backward pass
+        return torch.tensor(values, device=device, dtype=dtype)
+
+
+def device_constant(values: Sequence[float], device, dtype=torch.float32) -> torch.Tensor:
+    """A small constant tensor on ``device``, made once: no host-to-device copy inside a recorded step."""
+    return _cached_constant(tuple(float(v) for v in values), torch.device(device), dtype)
 
 
 def _normalized_axis(size: int, device, dtype) -> torch.Tensor:
