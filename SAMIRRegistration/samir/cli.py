@@ -198,7 +198,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def print_network_info(args: argparse.Namespace) -> int:
-    from .network import info
+    from .checkpoint import info
     try:
         shape = tuple(int(v) for v in args.shape.split(","))
         assert len(shape) == 3 and min(shape) > 0

@@ -13,7 +13,7 @@ Metrics per pair and label, on the dataset's grid (:mod:`samir.datasets`):
 * **SDlogJ**: std of log(clip(J + 3)) on the Jacobian cropped by 2 voxels; **folding %**: J <= 0.
 * **runtime** per stage (features, network or optimisation, metrics) and the **cost** of a method:
   parameters and multiply-adds of the trainable part (head + PDFP convolutions,
-  :func:`samir.network.count_macs`) and, separately, of the frozen encoder (all slices of both images).
+  :func:`samir.checkpoint.count_macs`) and, separately, of the frozen encoder (all slices of both images).
 
 Outputs of :func:`write_report`: ``per_label.csv``, ``per_pair.csv``, ``summary.json``,
 ``summary.md`` (markdown tables) and ``dice_boxplot.png`` (per-structure Dice, one box per method).
@@ -38,7 +38,8 @@ from .encoders import SliceEncoder
 from .features import auto_slice_stride, choose_slicing_axis
 from .geometry import SAMIRInputError, displacement_zyx_voxels_to_lps
 from .metrics import dice
-from .network import IMAGE_ONLY, count_macs, count_parameters, load_model, predict_field
+from .checkpoint import IMAGE_ONLY, count_macs, count_parameters, load_model
+from .inference import predict_field
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
 from .training import FeatureProvider, FeatureSection, ModelSection
 from .transforms import warp_labels

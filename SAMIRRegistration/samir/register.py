@@ -223,7 +223,7 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
 
     model = None
     if options.mode == "network":
-        from .network import load_model
+        from .checkpoint import load_model
         model = load_model(options.network, encoder=options.encoder, input_size=options.input_size)
     encoder_name = model.config.encoder if model is not None else (options.encoder or "litemedsam")
     input_size = model.config.input_size if model is not None else options.input_size
@@ -312,7 +312,7 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     if guide:
         fixed_features, moving_features = reduce_pair(fixed_features, moving_features, options)
     elif model is not None and fixed_features is not None:
-        from .network import prepare_features  # the raw 256-channel features are not needed any more
+        from .inference import prepare_features  # the raw 256-channel features are not needed any more
         fixed_features, moving_features = prepare_features(model, fixed_features, moving_features)
     if model is not None:
         settings = replace(settings, optimised_levels=2, iterations=(options.refine_iterations,))
@@ -325,7 +325,7 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
         fixed_t, moving_t = as_tensor(fixed01), as_tensor(moving01)
         initial_field = None
         if model is not None:
-            from .network import predict_field
+            from .inference import predict_field
             report("network", 0.0)
             initial_field = predict_field(model, fixed_t, moving_t, fixed_features, moving_features,
                                           fixed.spacing_zyx, axis, prepared=True)

@@ -18,7 +18,8 @@ Conventions (stated here once; every other module relies on them):
 from __future__ import annotations
 
 import functools
-from typing import Sequence, Union
+import math
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,37 @@ def resize_volume(x: torch.Tensor, shape: Shape3) -> torch.Tensor:
     if all(new <= old for new, old in zip(shape, x.shape[2:])):
         return F.adaptive_avg_pool3d(x, shape)
     return F.interpolate(x, size=shape, mode="trilinear", align_corners=False)
+
+
+def pyramid_shapes(shape: Sequence[int], levels: int, slicing_axis: Optional[int] = None,
+                   spacing_zyx: Optional[Sequence[float]] = None, min_size: int = 8,
+                   through_plane_min: int = 16, anisotropy: float = 1.25) -> List[Tuple[int, int, int]]:
+    """Grid shapes of levels 1 (full) .. ``levels`` (coarsest).
+
+    An axis is halved while it keeps at least ``min_size`` voxels and (when ``spacing_zyx`` is
+    given) its voxels are not already coarser than 1.5x the finest axis, so anisotropic grids become
+    more isotropic going down. The slicing axis of an anisotropic volume is only halved while it
+    keeps ``through_plane_min`` voxels (a 16-slice cine volume keeps its depth).
+    """
+    spacing = [1.0, 1.0, 1.0] if spacing_zyx is None else [float(s) for s in spacing_zyx]
+    anisotropic = max(spacing) > anisotropy * min(spacing)
+    shapes = [tuple(int(n) for n in shape)]
+    for _ in range(levels - 1):
+        prev = shapes[-1]
+        limits = [through_plane_min if (axis == slicing_axis and (anisotropic or spacing_zyx is None)) else min_size
+                  for axis in range(3)]
+        can_halve = [math.ceil(n / 2) >= limit for n, limit in zip(prev, limits)]
+        finest = min([s for s, ok in zip(spacing, can_halve) if ok], default=min(spacing))
+        nxt = []
+        for axis, n in enumerate(prev):
+            half = math.ceil(n / 2)
+            if can_halve[axis] and spacing[axis] <= 1.5 * finest:
+                nxt.append(half)
+                spacing[axis] *= n / half
+            else:
+                nxt.append(n)
+        shapes.append(tuple(nxt))
+    return shapes
 
 
 def spatial_gradient(u: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Training a SAMIR network (paper protocol): configuration, cached encoder features, loss, loop.
 
 ``samir train CONFIG`` (TOML, or YAML when PyYAML is installed) trains the head + PDFP of
-:class:`samir.pyramid.SAMIRNet` on frozen, precomputed encoder features with
+:class:`samir.samirnet.SAMIRNet` on frozen, precomputed encoder features with
 
     L = λ0 NCC(F, M∘φ) + λ1 HFC + λ2 Dice(S_F, S_M∘φ) (weakly supervised, optional) + λ3 smoothness
 
@@ -9,7 +9,7 @@
 pyramid level), Adam with learning rate 1e-4, augmentation by swapping fixed and moving and by
 flips. Before training a channel reduction (PCA, ``encoder_channels -> feature_channels``) is
 fitted on training-set features and stored in every checkpoint, so features mean the same at
-inference; the feature path is exactly the one of :func:`samir.network.predict_field` (frame
+inference; the feature path is exactly the one of :func:`samir.inference.predict_field` (frame
 component removed per pair, projected, sampled onto the grid).
 
 Output folder (``train.output_dir``): ``model_best.pt`` (best validation Dice) and
@@ -48,8 +48,8 @@ from .features import (ChannelReduction, SliceFeatures, auto_slice_stride, choos
 from .geometry import SAMIRInputError
 from .losses import diffusion_loss, hierarchical_feature_consistency, local_ncc_loss, ncc_window, soft_dice_loss
 from .metrics import dice_per_label
-from .network import IMAGE_ONLY, ModelConfig, build_network, count_parameters, save_model
-from .pyramid import SAMIRNet
+from .checkpoint import IMAGE_ONLY, ModelConfig, build_network, count_parameters, save_model
+from .samirnet import SAMIRNet
 from .spatial import resize_volume, warp
 
 log = logging.getLogger("samir.training")

@@ -1,6 +1,6 @@
 """Zero-shot SAMIR: instance optimisation of the PDFP pyramid on frozen encoder features.
 
-The same coarse-to-fine structure as :class:`samir.pyramid.PDFP`, but each level's velocity is a
+The same coarse-to-fine structure as :class:`samir.samirnet.PDFP`, but each level's velocity is a
 free parameter optimised with Adam on this pair instead of predicted by a trained network:
 
     u_l = compose(upsample(u_{l+1}), integrate(smooth(v_l)))
@@ -43,8 +43,7 @@ from .intensity import (MIN_MAP_NONLINEARITY, apply_monotone_map, joint_statisti
                         symmetric_monotone_map)
 from .losses import (LocalNCC, diffusion_loss, feature_loss, intensity_difference_loss, mind_loss, mind_ssc,
                      ncc_window)
-from .pyramid import pyramid_shapes
-from .spatial import compose, gaussian_smooth, integrate, resize_field, resize_volume, warp
+from .spatial import compose, gaussian_smooth, integrate, pyramid_shapes, resize_field, resize_volume, warp
 from .stepper import Adam, RepeatedStep
 
 
