@@ -17,7 +17,7 @@ from samir.checkpoint import (FORMAT_VERSION, ModelConfig, build_network, count_
 from samir.inference import predict_field
 from samir.register import RegistrationOptions, register
 from samir.spatial import warp
-from samir.transforms import warp_labels
+from samir.resampling import warp_labels
 
 SMALL = ModelConfig(encoder="litemedsam", input_size=256, encoder_channels=256, feature_channels=4,
                     head_widths=(4, 8, 4), levels=3, hidden=8, normalization="mr", training_data="unit test")

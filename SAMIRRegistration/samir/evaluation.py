@@ -42,7 +42,7 @@ from .checkpoint import IMAGE_ONLY, count_macs, count_parameters, load_model
 from .inference import predict_field
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
 from .training import FeatureProvider, FeatureSection, ModelSection
-from .transforms import warp_labels
+from .resampling import warp_labels
 
 HD95_UNITS = ("mm", "voxels", "both")
 PERTURBATIONS = ("gamma", "noise")

@@ -27,10 +27,10 @@ import torch
 
 from . import __version__
 from .geometry import SAMIRInputError, Volume
-from .io import PathLike, read_image, read_labels, staged_output_dir, write_volume
+from .io import PathLike, read_image, read_labels, staged_output_dir, write_displacement, write_transform, write_volume
 from .metrics import dice_per_label, mean_dice
-from .register import ProgressFn, RegistrationOptions, RegistrationResult, peak_memory_mb, register, resample_into
-from .transforms import warp_labels, warp_volume, write_displacement, write_transform
+from .register import ProgressFn, RegistrationOptions, RegistrationResult, peak_memory_mb, register
+from .resampling import resample_into, warp_labels, warp_volume
 
 OUTPUT_FILES = {
     "transform": "transform.h5", "displacement": "displacement.nii.gz", "warped": "warped.nii.gz",

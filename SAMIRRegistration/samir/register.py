@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from .encoders import ENCODERS, SliceEncoder, build_encoder
@@ -22,13 +21,14 @@ from .feature_cache import FeatureCache
 from .features import (auto_slice_stride, choose_slicing_axis, default_encoder_batch_size, encode_volume,
                        fit_channel_reduction, reduce_channels, remove_frame_component)
 from .affine import ALIGNMENT_MODES, align_affine, compose_with_affine, identity_alignment
-from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps, from_sitk, to_sitk
+from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps
 from .intensity import intensity_rank_correlation, match_histogram, normalize_intensity, resolve_normalization
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
 from .resources import (check_host_memory, estimate_peak_memory_mb, host_peak_rss_mb, resolve_device,
                         run_with_oom_fallback)
 from .options import MODES, SIMILARITIES
 from .options import PRESETS as PRESET_NAMES
+from .resampling import coverage_of, resample_into
 from .zeroshot import OptimizerSettings, optimize_pyramid, optimised_level_shapes
 
 ProgressFn = Optional[Callable[[str, float], None]]
@@ -139,34 +139,6 @@ class RegistrationResult:
     @property
     def folding_percent(self) -> float:
         return 100.0 * folding_fraction(torch.from_numpy(self.jacobian))
-
-
-def resample_into(moving: Volume, reference: Volume, labels: bool = False,
-                  affine_lps: Optional[np.ndarray] = None, cubic: bool = False) -> Volume:
-    """Resample ``moving`` onto ``reference``'s grid through ``affine_lps`` (4x4, reference world point ->
-    moving world point; None: the identity) in physical space: nearest neighbour for ``labels``, else
-    trilinear, or with ``cubic`` a cubic B-spline clipped to the input's range."""
-    identity = affine_lps is None or np.allclose(affine_lps, np.eye(4))
-    if identity and moving.same_grid(reference):
-        return replace(moving, array=moving.array)
-    transform = sitk.Transform()
-    if not identity:
-        matrix = np.asarray(affine_lps, dtype=np.float64)
-        transform = sitk.AffineTransform(3)
-        transform.SetMatrix(tuple(matrix[:3, :3].ravel()))
-        transform.SetTranslation(tuple(matrix[:3, 3]))
-    interp = sitk.sitkNearestNeighbor if labels else (sitk.sitkBSpline if cubic else sitk.sitkLinear)
-    out = from_sitk(sitk.Resample(to_sitk(moving), to_sitk(reference.with_array(np.zeros(reference.shape, np.uint8))),
-                                  transform, interp, 0.0), moving.name)
-    if cubic and not labels:
-        out.array = np.clip(out.array, min(float(moving.array.min()), 0.0), float(moving.array.max()))
-    return out
-
-
-def coverage_of(moving: Volume, reference: Volume, affine_lps: Optional[np.ndarray] = None) -> np.ndarray:
-    """1 where a reference voxel (mapped through ``affine_lps``) lies inside the moving image's field of view."""
-    ones = moving.with_array(np.ones(moving.shape, dtype=np.uint8))
-    return resample_into(ones, reference, labels=True, affine_lps=affine_lps).array.astype(np.float32)
 
 
 def peak_memory_mb(device: Optional[torch.device] = None) -> Dict[str, float]:
