@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import Volume, from_sitk, index_to_world, to_sitk, world_to_index
+from .spatial import grid_coordinates
 
 
 def resample_into(moving: Volume, reference: Volume, labels: bool = False,
@@ -76,9 +77,9 @@ def _moving_index_slabs(fixed: Volume, moving: Volume, displacement_lps: np.ndar
         yield slice(z0, z1), ijk @ linear.T + offset + disp @ world_to_moving.T
 
 
-def _normalized(index: torch.Tensor, shape_zyx) -> torch.Tensor:
-    sizes = torch.tensor([shape_zyx[2], shape_zyx[1], shape_zyx[0]], dtype=index.dtype, device=index.device)
-    return 2.0 * index / (sizes - 1).clamp_min(1) - 1.0
+def _grid(index: torch.Tensor, shape_zyx) -> torch.Tensor:
+    """``grid_sample``'s grid ``(1, ..., 3)`` for continuous ITK indices ``(..., 3)`` of a ``shape_zyx`` volume."""
+    return torch.stack([grid_coordinates(index[..., a], n) for a, n in enumerate(shape_zyx[::-1])], dim=-1)[None]
 
 
 def _inside(index: torch.Tensor, shape_zyx) -> torch.Tensor:
@@ -92,8 +93,8 @@ def warp_volume(moving: Volume, fixed: Volume, displacement_lps: np.ndarray, def
     source = torch.from_numpy(np.ascontiguousarray(moving.array, dtype=np.float32))[None, None].to(device)
     out = np.empty(fixed.shape, dtype=np.float32)
     for zs, index in _moving_index_slabs(fixed, moving, displacement_lps, device):
-        grid = _normalized(index, moving.shape)[None]
-        values = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+        grid = _grid(index, moving.shape)
+        values = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
         values = torch.where(_inside(index, moving.shape), values, torch.full_like(values, default))
         out[zs] = values.cpu().numpy()
     return fixed.with_array(out, name=f"{moving.name} warped")
@@ -144,8 +145,8 @@ def warp_labels(labels: Volume, fixed: Volume, displacement_lps: np.ndarray, dev
         source = torch.from_numpy(np.ascontiguousarray(labels.array == values[rank], dtype=np.float32))[None, None].to(device)
         label_peak = (0.0, None)
         for zs, index in _moving_index_slabs(fixed, labels, displacement_lps, device):
-            prob = F.grid_sample(source, _normalized(index, labels.shape)[None], mode="bilinear",
-                                 padding_mode="zeros", align_corners=True)[0, 0]
+            prob = F.grid_sample(source, _grid(index, labels.shape), mode="bilinear",
+                                 padding_mode="zeros", align_corners=False)[0, 0]
             prob = torch.where(_inside(index, labels.shape), prob, torch.zeros_like(prob))
             flat = int(torch.argmax(prob))
             if float(prob.flatten()[flat]) > label_peak[0]:

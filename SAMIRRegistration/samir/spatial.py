@@ -11,7 +11,8 @@ Conventions (stated here once; every other module relies on them):
   fixed grid to where it is found in the moving image (ITK's transform direction).
 * Grids are cell-centred. Resampling a grid of ``n`` voxels to ``m`` voxels keeps the extent, so
   voxel ``i`` of the ``m``-grid sits at ``(i + 0.5) * n / m - 0.5`` of the ``n``-grid
-  (``align_corners=False`` throughout).
+  (``align_corners=False`` throughout). Sampling at continuous voxel indices (resampling through a
+  displacement, encoder features onto a level grid) converts them with :func:`grid_coordinates`.
 * ``jacobian_determinant`` works in voxel units; the determinant of ``I + grad u`` does not depend
   on the spacing, so it equals the physical Jacobian determinant.
 """
@@ -38,14 +39,16 @@ def device_constant(values: Sequence[float], device, dtype=torch.float32) -> tor
     return _cached_constant(tuple(float(v) for v in values), torch.device(device), dtype)
 
 
-def _normalized_axis(size: int, device, dtype) -> torch.Tensor:
-    """Normalized coordinates (align_corners=False) of the ``size`` voxel centres of one axis."""
-    return (2.0 * torch.arange(size, device=device, dtype=dtype) + 1.0) / size - 1.0
+def grid_coordinates(index: torch.Tensor, size: int) -> torch.Tensor:
+    """``grid_sample`` coordinates (``align_corners=False``) of continuous voxel indices along an axis of
+    ``size`` voxels. A Python-number divisor: no host-to-device copy, so it may run in a recorded step."""
+    return (2.0 * index + 1.0) / size - 1.0
 
 
 def normalized_identity_grid(shape: Shape3, device=None, dtype=torch.float32) -> torch.Tensor:
     """Identity sampling grid ``(1, D, H, W, 3)`` for ``grid_sample``; last axis ordered (W, H, D)."""
-    d, h, w = torch.meshgrid(*(_normalized_axis(n, device, dtype) for n in shape), indexing="ij")
+    d, h, w = torch.meshgrid(*(grid_coordinates(torch.arange(n, device=device, dtype=dtype), n) for n in shape),
+                             indexing="ij")
     return torch.stack([w, h, d], dim=-1).unsqueeze(0)
 
 
