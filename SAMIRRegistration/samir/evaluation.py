@@ -33,16 +33,16 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .checkpoint import IMAGE_ONLY, count_macs, count_parameters, load_model
 from .datasets import PairDataset, PreparedPair, PreparedVolume
 from .encoders import SliceEncoder
 from .features import auto_slice_stride, choose_slicing_axis
-from .geometry import SAMIRInputError, displacement_zyx_voxels_to_lps
-from .metrics import dice
-from .checkpoint import IMAGE_ONLY, count_macs, count_parameters, load_model
+from .geometry import SAMIRInputError
 from .inference import predict_field
+from .metrics import dice
+from .resampling import warp_labels_on_grid
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
 from .training import FeatureProvider, FeatureSection, ModelSection
-from .resampling import warp_labels
 
 HD95_UNITS = ("mm", "voxels", "both")
 PERTURBATIONS = ("gamma", "noise")
@@ -289,9 +289,7 @@ def evaluate_pair(method: Method, pair: PreparedPair, labels: Dict[int, str],
            "sdlogj": sdlogj(jac), "folding_percent": 100.0 * folding_fraction(jac)}
     label_rows = []
     if pair.fixed.labels is not None and pair.moving.labels is not None:
-        grid = pair.fixed.grid
-        moving_labels = grid.with_array(pair.moving.labels.astype(np.int32), name=pair.moving.key)
-        warped = warp_labels(moving_labels, grid, displacement_zyx_voxels_to_lps(u[0].numpy(), grid)).array
+        warped = warp_labels_on_grid(pair.moving.labels.astype(np.int32), pair.fixed.grid, u)
         spacing = pair.fixed.spacing_zyx
         label_rows = label_scores(pair.fixed.labels, warped, pair.moving.labels, labels, spacing, hd95_units)
         unregistered = label_scores(pair.fixed.labels, pair.moving.labels, pair.moving.labels, labels, spacing, None)

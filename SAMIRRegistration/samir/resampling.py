@@ -24,7 +24,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .geometry import Volume, from_sitk, index_to_world, to_sitk, world_to_index
+from .geometry import Volume, displacement_zyx_voxels_to_lps, from_sitk, index_to_world, to_sitk, world_to_index
 from .spatial import grid_coordinates
 
 
@@ -155,3 +155,10 @@ def warp_labels(labels: Volume, fixed: Volume, displacement_lps: np.ndarray, dev
         if label_peak[1] is not None:
             best_rank[label_peak[1]] = rank
     return fixed.with_array(values[best_rank].astype(labels.array.dtype, copy=False), name=f"{labels.name} warped")
+
+
+def warp_labels_on_grid(labels: np.ndarray, grid: Volume, u: torch.Tensor) -> np.ndarray:
+    """A label map on ``grid`` through a field ``u`` ``(1, 3, D, H, W)`` in voxels of that grid, by
+    :func:`warp_labels`'s rule (on ``u``'s device)."""
+    displacement = displacement_zyx_voxels_to_lps(u[0].detach().cpu().numpy(), grid)
+    return warp_labels(grid.with_array(labels), grid, displacement, device=u.device).array

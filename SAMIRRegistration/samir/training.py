@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import IMAGE_ONLY, ModelConfig, build_network, count_parameters, save_model
 from .datasets import DataConfig, PairDataset, PreparedPair, PreparedVolume, describe
 from .distributed import DistributedContext, init_distributed, shutdown_distributed
 from .encoders import ENCODERS, SliceEncoder, build_encoder
@@ -48,7 +49,7 @@ from .features import (ChannelReduction, SliceFeatures, auto_slice_stride, choos
 from .geometry import SAMIRInputError
 from .losses import diffusion_loss, hierarchical_feature_consistency, local_ncc_loss, ncc_window, soft_dice_loss
 from .metrics import dice_per_label
-from .checkpoint import IMAGE_ONLY, ModelConfig, build_network, count_parameters, save_model
+from .resampling import warp_labels_on_grid
 from .samirnet import SAMIRNet
 from .spatial import resize_volume, warp
 
@@ -600,14 +601,6 @@ def collate(pairs: Sequence[PairTensors], label_values: Sequence[int]):
 
 # =========================================================================== validation
 
-def warp_label_map(labels: torch.Tensor, u: torch.Tensor, values: Sequence[int]) -> torch.Tensor:
-    """Per-label linear interpolation + argmax on the grid (background included); ``(1, 1, ...)`` int64."""
-    values = [0] + [v for v in values if v != 0]
-    probabilities = warp(onehot(labels, values), u)
-    index = probabilities.argmax(1, keepdim=True)
-    return torch.as_tensor(values, device=labels.device)[index]
-
-
 @torch.no_grad()
 def validation_dice(net: SAMIRNet, dataset: PairDataset, loader: PairLoader, indices: Sequence[int],
                     context: DistributedContext) -> Tuple[float, Dict[int, float]]:
@@ -617,13 +610,15 @@ def validation_dice(net: SAMIRNet, dataset: PairDataset, loader: PairLoader, ind
     values = sorted(dataset.labels)
     sums = torch.zeros(2 * len(values) + 2, dtype=torch.float64, device=context.device)
     for index in context.shard(list(indices)):
-        pair = loader(dataset[index])
-        if pair.fixed_labels is None or pair.moving_labels is None:
+        prepared = dataset[index]
+        if prepared.fixed.labels is None or prepared.moving.labels is None:
             continue
+        pair = loader(prepared)
         u = net(pair.fixed_features, pair.fixed, pair.moving_features, pair.moving, pair.slicing_axis,
                 pair.spacing_zyx).final
-        warped = warp_label_map(pair.moving_labels, u, values)
-        scores = dice_per_label(pair.fixed_labels[0, 0].cpu().numpy(), warped[0, 0].cpu().numpy(), values)
+        # the label rule of the reported Dice (samir evaluate), so the best model is chosen by it
+        warped = warp_labels_on_grid(prepared.moving.labels, prepared.fixed.grid, u)
+        scores = dice_per_label(prepared.fixed.labels, warped, values)
         if scores:
             sums[0] += float(np.mean(list(scores.values())))
             sums[1] += 1
