@@ -46,8 +46,8 @@ ProgressFn = Optional[Callable[[str, float], None]]
 # Presets bound the finest optimised grid by its voxel count, so the same preset costs about the
 # same on a 2 mm and a 1 mm scan (a 1 mm brain stops at 1/2 resolution with "balanced"). "accurate"
 # then ends with a full-resolution velocity compared on the full-resolution images, for small structures:
-# 2 squaring steps keep it invertible at about half the cost of 7, and a lighter smoothness there measured
-# better on the real brain pair (Dice 0.796 vs 0.789, folding 0.009 %) without touching the coarser levels.
+# the increment left there is small, so a few squaring steps keep it invertible, and a lighter smoothness
+# at that stage alone keeps what it adds without touching the coarser levels (bench/README, "Design notes").
 PRESETS: Dict[str, dict] = {
     "fast": dict(max_voxels=300_000, iterations=(60, 50, 40, 40, 30)),
     "balanced": dict(max_voxels=1_500_000, iterations=(80, 80, 60, 50, 40)),

@@ -20,7 +20,7 @@ from .spatial import compose, integrate, pyramid_shapes, resize_field, resize_vo
 
 # Inference (no autograd) runs the full-resolution convolutions in slabs along z with about this many
 # voxels each, and instance norm in place: the same outputs without the large temporaries of a
-# whole-volume pass (a 256x160x192 pair in network mode peaked at 10 GB on the CPU before).
+# whole-volume pass (bench/README, "Design notes").
 INFERENCE_SLAB_VOXELS = 1_000_000
 
 

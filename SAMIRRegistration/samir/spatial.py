@@ -178,8 +178,8 @@ def gaussian_smooth(x: torch.Tensor, sigma: Union[float, Sequence[float]]) -> to
     """Separable Gaussian of ``sigma`` voxels (one value, or one per axis z, y, x), replicate padding.
 
     Each axis is one convolution, except on a CPU where no gradient is needed: there a sum of shifted
-    copies is about ten times faster (the same numbers; its backward pass, a copy per tap, is slower
-    than the convolution's on large volumes)."""
+    copies is much faster (the same numbers; its backward pass, a copy per tap, is slower than the
+    convolution's on large volumes)."""
     shifted_sum = not x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad)
     sigmas = [float(sigma)] * 3 if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
     channels = x.shape[1]

@@ -31,9 +31,9 @@ def graphs_enabled(device: torch.device) -> bool:
 class Adam:
     """Adam (Kingma and Ba, 2015) computed as ``torch.optim.Adam`` computes it, written out.
 
-    ``torch.optim``'s first step imports ``torch._dynamo``, which took 6.5 s on the GPU machine (1.2 s
-    here): a fresh ``samir register`` process paid it before its first result. The step count is a
-    tensor on the parameters' device, so a step can be recorded in a CUDA graph."""
+    ``torch.optim``'s first step imports ``torch._dynamo``, a slow import that a fresh ``samir register``
+    process paid before its first result (bench/README, "Design notes"). The step count is a tensor on the
+    parameters' device, so a step can be recorded in a CUDA graph."""
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         groups = list(params)

@@ -63,19 +63,18 @@ class OptimizerSettings:
     feature_similarity: str = "mse"  # mean squared difference, or "ncc" (local NCC per channel, slower)
     similarity: str = "ncc"  # image similarity: "ncc" (local NCC, same contrast) or "mind" (MIND-SSC, any contrast)
     ncc_weight: float = 1.0  # weight of the image similarity (NCC or MIND)
-    mind_scale: float = 1.0  # multiplies the MIND term (measured: 1 and 2 align equally, 1 is smoother)
+    mind_scale: float = 1.0  # multiplies the MIND term (larger aligns no better and is rougher: bench/README)
     ncc_window: int = 9
     velocity_sigma: float = 1.0
     integration_steps: int = 7
     tolerance: float = 1e-4  # early stop when the loss improves less than this over `patience` steps
     patience: int = 15
-    # diffusion of each level's own increment (True) or of the whole field so far (False). The increment
-    # helped the real brain pair (Dice 0.779 vs 0.774) but hurt a noisy, contrast-changed known warp
-    # (endpoint error 0.70 vs 0.56 of the initial, Dice 0.910 vs 0.926): roughness builds up across levels
+    # diffusion of each level's own increment (True) or of the whole field so far (False): with the increment
+    # alone, roughness builds up across levels, which a noisy, contrast-changed pair shows (bench/README)
     regularise_increment: bool = False
     full_resolution_iterations: int = 0  # a last stage on the finest optimised velocity grid, images at full resolution
     # ... whose velocity is on the full grid instead, integrated in fewer squaring steps (None: integration_steps):
-    # the field's last increment is small, and each step at full resolution costs about a third of an iteration
+    # the field's last increment is small, and each squaring step at full resolution is costly
     full_resolution_velocity: bool = False
     full_resolution_integration_steps: Optional[int] = None
     full_resolution_smoothness: Optional[float] = None  # the last stage's diffusion weight (None: smoothness)
@@ -89,14 +88,13 @@ class OptimizerSettings:
     noise_smoothing_range: Sequence[float] = (0.012, 0.03)
     noise_smoothing_max_mm: float = 2.0
     # NCC: the diffusion weight of a level is multiplied by up to this factor as its noise rises through the same
-    # range (1: off): a noisy level's similarity says less about the field, the prior more. Measured (suite 3,
-    # balanced; at noise 0.1 the two finest levels get 1.2): noise 0.1 Dice 0.940 -> 0.943, noise 0.05 0.942 ->
-    # 0.944, 4 mm demo pair with noise 0.1 0.892 -> 0.907; clean scans read no noise and keep the weight
+    # range (1: off): a noisy level's similarity says less about the field, the prior more; clean scans read no
+    # noise and keep the weight (bench/README, "Noise-adaptive diffusion weight")
     noise_smoothness_factor: float = 4.0
     # NCC with the intensity map: weight of the squared difference of the fixed and the mapped moving image
     # (over the fixed image's variance), after a gain fitted with a Gaussian of ``ssd_gain_sigma_mm`` (bias
-    # fields; 0: no gain). Measured (balanced, bench/README): real brain pair Dice 0.774 -> 0.782, MNI152 noise 0.1
-    # 0.937 -> 0.940, clean / gamma / Colin27 unchanged; a +-30 % bias field costs 0.002 (0.012 without gain)
+    # fields; 0: no gain). NCC weighs every window's contrast alike; the squared difference weighs faint
+    # boundaries as they are (bench/README, "Squared intensity difference beside local NCC")
     ssd_weight: float = 0.5
     ssd_gain_sigma_mm: float = 10.0
 
