@@ -74,7 +74,7 @@ def test_names_the_bridge_offers_are_the_engines():
     assert engine_runner.NORMALIZATIONS == tuple(NORMALIZATIONS)
     from samir.affine import ALIGNMENT_MODES
     assert engine_runner.ALIGNMENTS == tuple(ALIGNMENT_MODES)
-    from samir.weights import REGISTRY
+    from samir.encoder_weights import REGISTRY
     assert set(REGISTRY) | set(weights.BUNDLED_ENCODERS) == set(ENCODERS)
     from samir.cli import STAGES
     assert set(STAGES) <= set(engine_runner.STAGE_WEIGHTS)
@@ -293,7 +293,7 @@ def test_segmentation_propagates_through_a_beating_4d_phantom(scene, engine_runs
 
 
 def test_checkpoint_download_goes_to_the_chosen_folder_and_can_be_cancelled(tmp_path, monkeypatch):
-    from samir import weights as engine_weights
+    from samir import encoder_weights as engine_weights
     source = tmp_path / "source.pth"
     source.write_bytes(os.urandom(3 * 2 ** 20 + 123))
     entry = engine_weights.WeightsFile("sam_vit_b", "sam_vit_b_01ec64.pth", source.as_uri(),

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from samir import weights as engine_weights
+from samir import encoder_weights as engine_weights
 from samir.geometry import SAMIRInputError
 
 BUNDLED_ENCODERS = ("litemedsam",)

@@ -232,7 +232,7 @@ def print_summary(summary: dict, out_dir: str) -> None:
 
 def add_store_parsers(sub) -> None:
     """``samir weights`` (encoder checkpoints) and ``samir cache`` (encoder features)."""
-    from .weights import REGISTRY
+    from .encoder_weights import REGISTRY
     weights = sub.add_parser("weights", help="SAM / MedSAM encoder checkpoints: list, download, verify")
     actions = weights.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="known checkpoints, where they go and whether they are there")
@@ -249,7 +249,7 @@ def add_store_parsers(sub) -> None:
 
 
 def run_store_command(args: argparse.Namespace) -> int:
-    from . import weights
+    from . import encoder_weights as weights
     if args.command == "cache":
         from .feature_cache import FeatureCache
         cache = FeatureCache()
