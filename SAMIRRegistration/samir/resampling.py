@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from .geometry import Volume, displacement_zyx_voxels_to_lps, from_sitk, index_to_world, to_sitk, world_to_index
 from .spatial import grid_coordinates
 
+VOXELS_PER_CHUNK = 2_000_000  # fixed voxels resampled at a time through a displacement (bounds the memory)
+
 
 def resample_into(moving: Volume, reference: Volume, labels: bool = False,
                   affine_lps: Optional[np.ndarray] = None, cubic: bool = False) -> Volume:
@@ -55,8 +57,6 @@ def coverage_of(moving: Volume, reference: Volume, affine_lps: Optional[np.ndarr
     ones = moving.with_array(np.ones(moving.shape, dtype=np.uint8))
     return resample_into(ones, reference, labels=True, affine_lps=affine_lps).array.astype(np.float32)
 
-
-VOXELS_PER_CHUNK = 2_000_000
 
 
 def _moving_index_slabs(fixed: Volume, moving: Volume, displacement_lps: np.ndarray, device):
