@@ -10,7 +10,7 @@ from samir.geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_l
 from samir.intensity import normalize_intensity
 from samir.metrics import dice_per_label, mean_dice
 from samir.register import RegistrationOptions, register
-from samir.transforms import warp_labels
+from samir.resampling import warp_labels
 
 
 def rigid_map(degrees, axis, translation_mm, centre):

@@ -65,7 +65,7 @@ def two_process_run(tmp_path_factory):
 
 
 def test_two_process_gloo_training_and_its_checkpoint(two_process_run):
-    from samir.network import load_model
+    from samir.checkpoint import load_model
     out, ranks = two_process_run
     run = out / "run"
     assert all(r["backend"] == "gloo" for r in ranks)

@@ -13,7 +13,7 @@ from samir.datasets import PairDataset
 from samir.evaluation import (IdentityMethod, NetworkMethod, dice, encoder_macs_per_slice, evaluate, hd95,
                               label_scores, parse_method, parse_sweep, perturb, robustness_sweep, surface, write_report)
 from samir.geometry import SAMIRInputError
-from samir.network import ModelConfig, build_network, count_macs, count_parameters, save_model
+from samir.checkpoint import ModelConfig, build_network, count_macs, count_parameters, save_model
 from samir.features import ChannelReduction
 from samir.training import config_from_dict
 

@@ -12,11 +12,12 @@ from samir.features import ChannelReduction, SliceFeatures
 from samir.geometry import SAMIRInputError
 from samir.losses import local_ncc_loss
 from samir.metrics import dice_per_label, mean_dice
-from samir.network import (FORMAT_VERSION, ModelConfig, build_network, count_macs, count_parameters, load_model,
-                           predict_field, save_model)
+from samir.checkpoint import (FORMAT_VERSION, ModelConfig, build_network, count_macs, count_parameters, load_model,
+                              save_model)
+from samir.inference import predict_field
 from samir.register import RegistrationOptions, register
 from samir.spatial import warp
-from samir.transforms import warp_labels
+from samir.resampling import warp_labels
 
 SMALL = ModelConfig(encoder="litemedsam", input_size=256, encoder_channels=256, feature_channels=4,
                     head_widths=(4, 8, 4), levels=3, hidden=8, normalization="mr", training_data="unit test")
@@ -63,7 +64,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     fixed = torch.rand((1, 1, 12, 20, 24))
     moving = torch.rand((1, 1, 12, 20, 24))
     ff, mf = random_features(seed=1), random_features(seed=2)
-    from samir.network import SAMIRModel
+    from samir.checkpoint import SAMIRModel
     direct = predict_field(SAMIRModel(net.eval(), SMALL, reduction), fixed, moving, ff, mf, (2.0, 1.0, 1.0), 0)
     loaded = predict_field(model, fixed, moving, ff, mf, (2.0, 1.0, 1.0), 0)
     assert direct.shape == (1, 3, 12, 20, 24)

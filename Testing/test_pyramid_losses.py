@@ -1,7 +1,8 @@
 import torch
 
 from samir.losses import LocalNCC, diffusion_loss, feature_loss, hierarchical_feature_consistency, local_ncc_loss, ncc_window, soft_dice_loss
-from samir.pyramid import PDFP, SAMIRNet, pyramid_shapes
+from samir.samirnet import PDFP, SAMIRNet
+from samir.spatial import pyramid_shapes
 
 
 def test_pyramid_keeps_thin_through_plane_axis():
@@ -37,7 +38,7 @@ def test_inference_in_slabs_gives_the_training_graph_outputs(monkeypatch):
     head's widest block (40 channels, wider than its input and the next block) in groups of 16 channels
     feeding the next convolution; the first block (20, wider than its input but feeding a wider block) is
     held whole. The fields must be those of the ordinary whole-volume pass."""
-    import samir.pyramid as pyramid
+    import samir.samirnet as pyramid
     torch.manual_seed(0)
     net = SAMIRNet(feature_channels=3, widths=(20, 40, 5), levels=3, hidden=6)
     for block in net.pdfp.blocks:

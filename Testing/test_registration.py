@@ -7,9 +7,10 @@ import torch
 from samir.geometry import Volume
 from samir.intensity import normalize_intensity
 from samir.metrics import dice_per_label, mean_dice
-from samir.register import RegistrationOptions, register, resample_into
+from samir.register import RegistrationOptions, register
+from samir.resampling import resample_into
 from samir.spatial import warp
-from samir.transforms import warp_labels
+from samir.resampling import warp_labels
 from samir.zeroshot import estimate_noise_std, gaussian_smooth
 
 

@@ -11,7 +11,8 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML) is not in
 import SimpleITK as sitk
 import vtk
 from samir.geometry import LPS_TO_RAS, SAMIRInputError, Volume, index_to_ras, to_sitk
-from samir.transforms import displacement_transform, warp_labels, warp_volume
+from samir.io import displacement_transform
+from samir.resampling import warp_labels, warp_volume
 from SAMIRRegistrationLib import display, grid_transforms, segmentations, volumes
 from SAMIRRegistrationLib.engine_runner import EngineOutputs, EngineRun, EngineSettings, RunState
 from SAMIRRegistrationLib.registration import PairRegistrationTask

@@ -68,7 +68,7 @@ def test_the_option_schema_names_what_the_engine_defines():
     from samir import options
     from samir.encoders import SAM_VARIANTS
     from samir.register import PRESETS
-    from samir.weights import REGISTRY
+    from samir.encoder_weights import REGISTRY
     assert tuple(PRESETS) == options.PRESETS
     assert options.ENCODERS == ("litemedsam",) + tuple(SAM_VARIANTS)
     assert set(REGISTRY) | set(weights.BUNDLED_ENCODERS) == set(options.ENCODERS)
@@ -294,7 +294,7 @@ def test_segmentation_propagates_through_a_beating_4d_phantom(scene, engine_runs
 
 
 def test_checkpoint_download_goes_to_the_chosen_folder_and_can_be_cancelled(tmp_path, monkeypatch):
-    from samir import weights as engine_weights
+    from samir import encoder_weights as engine_weights
     source = tmp_path / "source.pth"
     source.write_bytes(os.urandom(3 * 2 ** 20 + 123))
     entry = engine_weights.WeightsFile("sam_vit_b", "sam_vit_b_01ec64.pth", source.as_uri(),

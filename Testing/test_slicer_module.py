@@ -306,7 +306,7 @@ def test_checkpoints_are_kept_outside_slicers_cache_and_old_ones_are_moved_out(a
     (legacy / "sam_vit_b_01ec64.pth").write_bytes(b"checkpoint kept by SAMIR 0.1.0")
     (legacy / "unrelated.txt").write_text("not ours")
     app.module.SAMIRRegistrationLogic()
-    from samir.weights import weights_dir
+    from samir.encoder_weights import weights_dir
     folder = weights_dir()
     assert Path(slicer.app.cachePath) not in folder.parents
     assert (folder / "sam_vit_b_01ec64.pth").read_bytes() == b"checkpoint kept by SAMIR 0.1.0"

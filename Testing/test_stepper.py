@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from samir.spatial import warp
-from samir.stepper import Adam, RepeatedStep, device_constant, graphs_enabled
+from samir.spatial import device_constant, warp
+from samir.stepper import Adam, RepeatedStep, graphs_enabled
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -10,7 +10,8 @@ from samir.cli import main
 from samir.datasets import PairDataset
 from samir.evaluation import IdentityMethod, NetworkMethod, evaluate
 from samir.io import write_volume
-from samir.network import load_model, predict_field
+from samir.checkpoint import load_model
+from samir.inference import predict_field
 from samir.register import RegistrationOptions, register
 from samir.training import (FeatureProvider, PairLoader, config_from_dict, precompute_features, train)
 
@@ -57,7 +58,7 @@ def test_trained_network_beats_the_untrained_one_on_held_out_pairs(trained, acdc
     config, result, _ = trained
     test_set = PairDataset(config.data, "test")
     untrained_path = tmp_path / "untrained.pt"
-    from samir.network import build_network, save_model
+    from samir.checkpoint import build_network, save_model
     model = load_model(result.best_model)
     torch.manual_seed(1)
     save_model(untrained_path, build_network(model.config), model.config, model.reduction)

@@ -8,12 +8,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from samir import weights
+from samir import encoder_weights as weights
 from samir.cli import main
 from samir.encoders import build_encoder
 from samir.geometry import SAMIRInputError
-from samir.weights import (WeightsChecksumError, WeightsFile, WeightsUnavailableError, download_weights,
-                           resolve_encoder_weights)
+from samir.encoder_weights import (WeightsChecksumError, WeightsFile, WeightsUnavailableError, download_weights,
+                                   resolve_encoder_weights)
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 

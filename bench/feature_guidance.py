@@ -24,7 +24,7 @@ from samir.encoders import build_encoder
 from samir.metrics import dice_per_label, mean_dice
 from samir.register import RegistrationOptions, register
 from samir.spatial import warp
-from samir.transforms import warp_labels
+from samir.resampling import warp_labels
 
 
 def bias_field(shape, strength, seed):

@@ -87,7 +87,7 @@ def encoder_throughput(device, quick: bool) -> list:
 
 def network_forward(device, quick: bool) -> list:
     import torch
-    from samir.network import ModelConfig, build_network
+    from samir.checkpoint import ModelConfig, build_network
     config = ModelConfig()
     net = build_network(config).to(device).eval()
     rows = []

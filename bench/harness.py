@@ -5,7 +5,7 @@ virtual environment) reads the same NIfTI files and writes ``displacement.nii.gz
 (LPS millimetres, ITK convention: fixed point ``p`` maps to moving point ``p + d(p)``) and
 ``run.json`` (registration wall time without I/O, peak RSS of its process, parameters). Scoring is
 done here, identically for every method: labels are propagated from each displacement field with
-``samir.transforms.warp_labels`` (per-label linear interpolation), then Dice, HD95 (mm), SDlogJ,
+``samir.resampling.warp_labels`` (per-label linear interpolation), then Dice, HD95 (mm), SDlogJ,
 folding and, for synthetic warps, the endpoint error against the known field.
 """
 from __future__ import annotations
@@ -201,7 +201,7 @@ def score(case: Case, out_dir: Path, with_hd95: bool = True) -> dict:
     from samir.geometry import displacement_lps_to_zyx_voxels
     from samir.metrics import dice_per_label, mean_dice
     from samir.spatial import folding_fraction, jacobian_determinant, sdlogj
-    from samir.transforms import warp_labels
+    from samir.resampling import warp_labels
     fixed = _read_volume(case.fixed)
     disp = sitk.GetArrayFromImage(sitk.ReadImage(str(out_dir / "displacement.nii.gz"))).astype(np.float64)
     if disp.shape[:3] != fixed.shape:
@@ -315,7 +315,7 @@ def save_case_volumes(case_dir: Path, fixed, moving, fixed_labels=None, moving_l
                       true_displacement_lps: Optional[np.ndarray] = None) -> Dict[str, Path]:
     """Write a case's volumes (``samir.geometry.Volume``) as NIfTI; returns the paths."""
     from samir.io import write_volume
-    from samir.transforms import write_displacement
+    from samir.io import write_displacement
     case_dir.mkdir(parents=True, exist_ok=True)
     paths = {"fixed": case_dir / "fixed.nii.gz", "moving": case_dir / "moving.nii.gz"}
     write_volume(fixed, paths["fixed"])

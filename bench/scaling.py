@@ -97,7 +97,7 @@ def random_network(path: Path) -> Path:
     """A checkpoint of the default architecture with random weights (for timing only)."""
     import torch
     from samir.features import ChannelReduction
-    from samir.network import ModelConfig, build_network, save_model
+    from samir.checkpoint import ModelConfig, build_network, save_model
     if path.exists():
         return path
     config = ModelConfig(training_data="random weights: timing only (bench/scaling.py)")

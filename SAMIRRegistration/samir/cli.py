@@ -71,7 +71,7 @@ def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def print_network_info(args: argparse.Namespace) -> int:
-    from .network import info
+    from .checkpoint import info
     try:
         shape = tuple(int(v) for v in args.shape.split(","))
         assert len(shape) == 3 and min(shape) > 0
@@ -105,7 +105,7 @@ def print_summary(summary: dict, out_dir: str) -> None:
 
 
 def _add_weights_arguments(parser: argparse.ArgumentParser) -> None:
-    from .weights import REGISTRY
+    from .encoder_weights import REGISTRY
     actions = parser.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="known checkpoints, where they go and whether they are there")
     fetch = actions.add_parser("fetch", help="download and verify a checkpoint into the weights folder")
@@ -123,7 +123,7 @@ def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_store_command(args: argparse.Namespace) -> int:
-    from . import weights
+    from . import encoder_weights as weights
     if args.command == "cache":
         from .feature_cache import FeatureCache
         cache = FeatureCache()

@@ -127,7 +127,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from .datasets import DataConfig, PairDataset
     from .evaluation import (NetworkMethod, evaluate, parse_method, parse_sweep, robustness_sweep, write_report)
-    from .network import load_model
+    from .checkpoint import load_model
     from .resources import resolve_device
     from .training import BEST_MODEL, FeatureSection, TrainingConfig
     if not args.config and not args.pairs:

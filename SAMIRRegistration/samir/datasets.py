@@ -34,7 +34,7 @@ import numpy as np
 from .geometry import SAMIRInputError, Volume, index_to_world
 from .intensity import ALL_NORMALIZATIONS, normalize_intensity
 from .io import read_image, read_labels
-from .register import resample_into
+from .resampling import resample_into
 
 LAYOUTS = ("acdc", "abdomenctct", "pairs")
 ACDC_LABELS: Dict[int, str] = {1: "RV", 2: "Myo", 3: "LV"}
@@ -211,11 +211,6 @@ def half_resolution_grid(volume: Volume) -> Volume:
     return centered_grid(grid_center(volume), volume.direction, shape, spacing_zyx, volume.name)
 
 
-def resample_onto(volume: Volume, grid: Volume, labels: bool = False) -> np.ndarray:
-    """``volume`` resampled onto ``grid`` in physical space (linear, or nearest for labels; 0 outside)."""
-    return resample_into(volume, grid, labels=labels).array
-
-
 def prepare_volume(record: VolumeRecord, grid: Optional[Volume], normalization: str,
                    image: Optional[Volume] = None) -> PreparedVolume:
     """Normalise ``record``'s image to [0, 1] (on its own grid, so padding is background), then
@@ -223,10 +218,10 @@ def prepare_volume(record: VolumeRecord, grid: Optional[Volume], normalization: 
     image = image if image is not None else read_image(record.image, record.key)
     image01 = image.with_array(normalize_intensity(image.array, normalization))
     grid = grid if grid is not None else image01.with_array(np.zeros(image01.shape, np.float32))
-    array = np.ascontiguousarray(resample_onto(image01, grid), dtype=np.float32)
+    array = np.ascontiguousarray(resample_into(image01, grid).array, dtype=np.float32)
     labels = None
     if record.labels is not None:
-        labels = np.ascontiguousarray(resample_onto(read_labels(record.labels, record.key), grid, labels=True),
+        labels = np.ascontiguousarray(resample_into(read_labels(record.labels, record.key), grid, labels=True).array,
                                       dtype=np.int16)
     return PreparedVolume(record.key, array, labels, grid.with_array(array, name=record.key), normalization)
 
@@ -491,7 +486,7 @@ class PairDataset:
                     if not label_volumes:
                         raise SAMIRInputError(f"{pair.name}: crop_center = 'labels' needs the _gt label maps")
                     union = label_volumes[0].with_array(np.maximum.reduce(
-                        [resample_onto(v, label_volumes[0], labels=True) for v in label_volumes]))
+                        [resample_into(v, label_volumes[0], labels=True).array for v in label_volumes]))
                     center = labels_center(union)
                 else:
                     center = grid_center(image)

@@ -46,6 +46,7 @@ def random_smooth_displacement(shape, spacing_zyx, max_mm: float = 6.0, control_
     """Random smooth field ``(1, 3, D, H, W)`` in voxels whose largest displacement is ``max_mm``."""
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.randn((1, 3, control_points, control_points, control_points), generator=generator)
+    # a control-point lattice whose corner points sit on the corner voxels, not a voxel grid (spatial.py)
     field_mm = F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)
     field_mm = field_mm * (max_mm / field_mm.norm(dim=1).max())
     return field_mm / torch.tensor(spacing_zyx, dtype=torch.float32).view(1, 3, 1, 1, 1)

@@ -206,7 +206,7 @@ class SAMViTEncoder(SliceEncoder):
 def build_encoder(name: str = "litemedsam", checkpoint: Optional[Path] = None,
                   input_size: Optional[int] = None) -> SliceEncoder:
     """Build a frozen encoder by name. SAM/MedSAM use ``checkpoint`` if given, else the cached official
-    checkpoint, downloaded on first use (:func:`samir.weights.resolve_encoder_weights`)."""
+    checkpoint, downloaded on first use (:func:`samir.encoder_weights.resolve_encoder_weights`)."""
     if name not in ENCODERS:
         raise SAMIRInputError(f"unknown encoder '{name}'; choose one of {', '.join(ENCODERS)}")
     if name == "litemedsam":
@@ -216,6 +216,6 @@ def build_encoder(name: str = "litemedsam", checkpoint: Optional[Path] = None,
     if checkpoint is None:
         if input_size is not None and (input_size % 16 or input_size < 64):  # before a long download
             raise SAMIRInputError(f"k = {input_size} is not supported by a SAM ViT encoder: use a multiple of 16, >= 64")
-        from .weights import resolve_encoder_weights
+        from .encoder_weights import resolve_encoder_weights
         checkpoint = resolve_encoder_weights(name)
     return SAMViTEncoder(Path(checkpoint), input_size or DEFAULT_INPUT_SIZE[name], variant=name)

@@ -13,7 +13,7 @@ Metrics per pair and label, on the dataset's grid (:mod:`samir.datasets`):
 * **SDlogJ**: std of log(clip(J + 3)) on the Jacobian cropped by 2 voxels; **folding %**: J <= 0.
 * **runtime** per stage (features, network or optimisation, metrics) and the **cost** of a method:
   parameters and multiply-adds of the trainable part (head + PDFP convolutions,
-  :func:`samir.network.count_macs`) and, separately, of the frozen encoder (all slices of both images).
+  :func:`samir.checkpoint.count_macs`) and, separately, of the frozen encoder (all slices of both images).
 
 Outputs of :func:`write_report`: ``per_label.csv``, ``per_pair.csv``, ``summary.json``,
 ``summary.md`` (markdown tables) and ``dice_boxplot.png`` (per-structure Dice, one box per method).
@@ -33,15 +33,16 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .checkpoint import IMAGE_ONLY, count_macs, count_parameters, load_model
 from .datasets import PairDataset, PreparedPair, PreparedVolume
 from .encoders import SliceEncoder
 from .features import auto_slice_stride, choose_slicing_axis
-from .geometry import SAMIRInputError, displacement_zyx_voxels_to_lps
+from .geometry import SAMIRInputError
+from .inference import predict_field
 from .metrics import dice
-from .network import IMAGE_ONLY, count_macs, count_parameters, load_model, predict_field
+from .resampling import warp_labels_on_grid
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
 from .training import FeatureProvider, FeatureSection, ModelSection
-from .transforms import warp_labels
 
 HD95_UNITS = ("mm", "voxels", "both")
 PERTURBATIONS = ("gamma", "noise")
@@ -288,9 +289,7 @@ def evaluate_pair(method: Method, pair: PreparedPair, labels: Dict[int, str],
            "sdlogj": sdlogj(jac), "folding_percent": 100.0 * folding_fraction(jac)}
     label_rows = []
     if pair.fixed.labels is not None and pair.moving.labels is not None:
-        grid = pair.fixed.grid
-        moving_labels = grid.with_array(pair.moving.labels.astype(np.int32), name=pair.moving.key)
-        warped = warp_labels(moving_labels, grid, displacement_zyx_voxels_to_lps(u[0].numpy(), grid)).array
+        warped = warp_labels_on_grid(pair.moving.labels.astype(np.int32), pair.fixed.grid, u)
         spacing = pair.fixed.spacing_zyx
         label_rows = label_scores(pair.fixed.labels, warped, pair.moving.labels, labels, spacing, hd95_units)
         unregistered = label_scores(pair.fixed.labels, pair.moving.labels, pair.moving.labels, labels, spacing, None)

@@ -37,7 +37,7 @@ import torch
 from .encoders import SliceEncoder
 from .features import SliceFeatures, cpu_has_fast_bf16
 from .geometry import SAMIRInputError
-from .weights import user_cache_dir
+from .encoder_weights import user_cache_dir
 
 CACHE_DIR_ENV = "SAMIR_CACHE_DIR"
 MAX_GB_ENV = "SAMIR_CACHE_MAX_GB"

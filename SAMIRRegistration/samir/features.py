@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .encoders import SliceEncoder
+from .spatial import grid_coordinates
 
 ProgressFn = Optional[Callable[[float], None]]
 
@@ -200,17 +201,16 @@ def sample_features(features: SliceFeatures, level_shape: Sequence[int], device:
     coords = []
     for ax in range(3):
         x = _level_coordinates(features.volume_shape[ax], int(level_shape[ax]))
-        if ax == features.axis:
+        if ax == features.axis:  # the n encoded slices span the first to the last voxel
             last = features.volume_shape[ax] - 1
-            g = 2.0 * x / last - 1.0 if last > 0 and n > 1 else torch.zeros_like(x)
+            slice_index = x * (n - 1) / last if last > 0 and n > 1 else torch.zeros_like(x)
+            coords.append(grid_coordinates(slice_index, n))
         else:
             pad = features.pad_before[features.in_plane_axes.index(ax)]
-            q = (x + pad + 0.5) * f / features.padded_size - 0.5
-            g = 2.0 * q / max(f - 1, 1) - 1.0
-        coords.append(g)
+            coords.append(grid_coordinates((x + pad + 0.5) * f / features.padded_size - 0.5, f))
     # source volume dims: (slice axis, first in-plane axis, second in-plane axis)
     src_order = (features.axis,) + features.in_plane_axes
     mesh = torch.meshgrid(*coords, indexing="ij")  # each (D_l, H_l, W_l), in volume axis order
     grid = torch.stack([mesh[src_order[2]], mesh[src_order[1]], mesh[src_order[0]]], dim=-1).unsqueeze(0)
     source = feats.to(device=device, dtype=torch.float32).permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, N, f, f)
-    return F.grid_sample(source, grid.to(device), mode="bilinear", padding_mode="border", align_corners=True)
+    return F.grid_sample(source, grid.to(device), mode="bilinear", padding_mode="border", align_corners=False)

@@ -121,8 +121,8 @@ def match_histogram(source01: np.ndarray, reference01: np.ndarray, source_valid:
 
 MIN_MAP_CONTRAST = 0.1  # a monotone map flatter than this (output range / input range) is not applied
 # a fitted map closer to a straight line than this (see map_nonlinearity) is not applied: pairs with the same
-# intensity response measured 0.02-0.05 (blur and residual misalignment in the estimate), gamma 0.5 / 2 0.08-0.14;
-# applied to those small departures the map moved soft edges (a beating-ventricle phantom) and cost Dice
+# intensity response depart a little from a line too (blur and residual misalignment in the estimate), and
+# applied to such small departures the map moved soft edges and cost Dice (bench/README, "Design notes")
 MIN_MAP_NONLINEARITY = 0.06
 
 

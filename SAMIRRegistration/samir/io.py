@@ -1,4 +1,5 @@
-"""Reading and validating images and label maps; atomic writing of an output folder."""
+"""Reading and validating images and label maps; writing volumes and displacement-field transforms;
+atomic writing of an output folder."""
 from __future__ import annotations
 
 import os
@@ -91,6 +92,30 @@ def read_labels(path: PathLike, role: str = "input") -> Volume:
 
 def write_volume(volume: Volume, path: PathLike, vector: bool = False) -> None:
     sitk.WriteImage(to_sitk(volume, vector=vector), str(path), useCompression=True)
+
+
+def displacement_image(displacement_lps: np.ndarray, fixed: Volume) -> sitk.Image:
+    """Vector image (float64, LPS mm) on the fixed grid, as ITK displacement field transforms need."""
+    image = sitk.GetImageFromArray(displacement_lps.astype(np.float64), isVector=True)
+    image.SetSpacing(fixed.spacing)
+    image.SetOrigin(fixed.origin)
+    image.SetDirection(tuple(fixed.direction.ravel()))
+    return image
+
+
+def displacement_transform(displacement_lps: np.ndarray, fixed: Volume) -> sitk.DisplacementFieldTransform:
+    return sitk.DisplacementFieldTransform(displacement_image(displacement_lps, fixed))
+
+
+def write_transform(displacement_lps: np.ndarray, fixed: Volume, path) -> None:
+    """Write an ITK displacement-field transform (``.h5`` or ``.tfm``) readable by SimpleITK, ANTs, Slicer."""
+    sitk.WriteTransform(displacement_transform(displacement_lps, fixed), str(path))
+
+
+def write_displacement(displacement_lps: np.ndarray, fixed: Volume, path) -> None:
+    """Write the displacement as a 3-component vector image (``.nii.gz``, LPS mm, ITK/ANTs convention)."""
+    image = sitk.Cast(displacement_image(displacement_lps, fixed), sitk.sitkVectorFloat32)
+    sitk.WriteImage(image, str(path), useCompression=True)
 
 
 @contextmanager

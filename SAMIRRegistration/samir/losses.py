@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .stepper import device_constant
+from .spatial import device_constant
 
 
 def _box_sum(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:

@@ -4,7 +4,7 @@ Output folder (all on the fixed image's grid, physical space of the fixed image)
 
 * ``transform.h5`` (or ``transform.tfm`` with ``transform_format="tfm"``) — ITK displacement-field
   transform (LPS; fixed point -> moving point); SimpleITK, ANTs and 3D Slicer read it and resample
-  the moving image onto the fixed one with it. ``.tfm`` is text: about 20x larger, slower to read.
+  the moving image onto the fixed one with it. ``.tfm`` is text: many times larger, slower to read.
 * ``displacement.nii.gz`` — the same field as a 3-component vector image in LPS millimetres.
 * ``warped.nii.gz`` — the moving image resampled onto the fixed grid.
 * ``warped_seg.nii.gz`` — the moving segmentation propagated to the fixed grid (if given).
@@ -27,10 +27,10 @@ import torch
 
 from . import __version__
 from .geometry import SAMIRInputError, Volume
-from .io import PathLike, read_image, read_labels, staged_output_dir, write_volume
+from .io import PathLike, read_image, read_labels, staged_output_dir, write_displacement, write_transform, write_volume
 from .metrics import dice_per_label, mean_dice
-from .register import ProgressFn, RegistrationOptions, RegistrationResult, peak_memory_mb, register, resample_into
-from .transforms import warp_labels, warp_volume, write_displacement, write_transform
+from .register import ProgressFn, RegistrationOptions, RegistrationResult, peak_memory_mb, register
+from .resampling import resample_into, warp_labels, warp_volume
 
 OUTPUT_FILES = {
     "transform": "transform.h5", "displacement": "displacement.nii.gz", "warped": "warped.nii.gz",

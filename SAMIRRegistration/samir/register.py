@@ -4,6 +4,13 @@ Everything happens on the fixed image's grid. The moving image is first resample
 in physical space (so any size, spacing, origin and direction is accepted); the result is a
 displacement field on the fixed grid, in voxels for the engine and in LPS millimetres for files
 (ITK convention: fixed point ``p`` maps to moving point ``p + d(p)``).
+
+:func:`register` runs these steps, each a function of plain inputs and outputs:
+:func:`load_network` (network mode), :func:`plan_registration` (slicing axis, features or not, memory
+estimate), :func:`prepare_pair` (normalise, pre-align with :func:`align_pair`, resample into the fixed
+frame, choose the similarity), :func:`encode_features`, :func:`compute_field` (network forward pass
+and/or pyramid optimisation), :func:`finish_field` (affine folded in, Jacobian) and
+:func:`describe_run` (the result's ``info``).
 """
 from __future__ import annotations
 
@@ -11,33 +18,36 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from .encoders import SliceEncoder, build_encoder
 from .feature_cache import FeatureCache
-from .features import (auto_slice_stride, choose_slicing_axis, default_encoder_batch_size, encode_volume,
+from .features import (SliceFeatures, auto_slice_stride, choose_slicing_axis, default_encoder_batch_size, encode_volume,
                        fit_channel_reduction, reduce_channels, remove_frame_component)
-from .affine import align_affine, compose_with_affine, identity_alignment
-from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps, from_sitk, to_sitk
+from .affine import AffineAlignment, align_affine, compose_with_affine, identity_alignment
+from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps
 from .intensity import intensity_rank_correlation, match_histogram, normalize_intensity, resolve_normalization
 from .spatial import folding_fraction, jacobian_determinant, sdlogj
 from .resources import (check_host_memory, estimate_peak_memory_mb, host_peak_rss_mb, resolve_device,
                         run_with_oom_fallback)
 from .options import OPTION, check_values, default, registration_values, split_values
 from .options import PRESETS as PRESET_NAMES
-from .zeroshot import OptimizerSettings, optimize_pyramid, optimised_level_shapes
+from .resampling import coverage_of, resample_into
+from .zeroshot import LevelReport, OptimizerSettings, optimize_pyramid, optimised_level_shapes
+
+if TYPE_CHECKING:
+    from .checkpoint import SAMIRModel
 
 ProgressFn = Optional[Callable[[str, float], None]]
 
 # Presets bound the finest optimised grid by its voxel count, so the same preset costs about the
 # same on a 2 mm and a 1 mm scan (a 1 mm brain stops at 1/2 resolution with "balanced"). "accurate"
 # then ends with a full-resolution velocity compared on the full-resolution images, for small structures:
-# 2 squaring steps keep it invertible at about half the cost of 7, and a lighter smoothness there measured
-# better on the real brain pair (Dice 0.796 vs 0.789, folding 0.009 %) without touching the coarser levels.
+# the increment left there is small, so a few squaring steps keep it invertible, and a lighter smoothness
+# at that stage alone keeps what it adds without touching the coarser levels (bench/README, "Design notes").
 PRESETS: Dict[str, dict] = {
     "fast": dict(max_voxels=300_000, iterations=(60, 50, 40, 40, 30)),
     "balanced": dict(max_voxels=1_500_000, iterations=(80, 80, 60, 50, 40)),
@@ -139,34 +149,6 @@ class RegistrationResult:
         return 100.0 * folding_fraction(torch.from_numpy(self.jacobian))
 
 
-def resample_into(moving: Volume, reference: Volume, labels: bool = False,
-                  affine_lps: Optional[np.ndarray] = None, cubic: bool = False) -> Volume:
-    """Resample ``moving`` onto ``reference``'s grid through ``affine_lps`` (4x4, reference world point ->
-    moving world point; None: the identity) in physical space: nearest neighbour for ``labels``, else
-    trilinear, or with ``cubic`` a cubic B-spline clipped to the input's range."""
-    identity = affine_lps is None or np.allclose(affine_lps, np.eye(4))
-    if identity and moving.same_grid(reference):
-        return replace(moving, array=moving.array)
-    transform = sitk.Transform()
-    if not identity:
-        matrix = np.asarray(affine_lps, dtype=np.float64)
-        transform = sitk.AffineTransform(3)
-        transform.SetMatrix(tuple(matrix[:3, :3].ravel()))
-        transform.SetTranslation(tuple(matrix[:3, 3]))
-    interp = sitk.sitkNearestNeighbor if labels else (sitk.sitkBSpline if cubic else sitk.sitkLinear)
-    out = from_sitk(sitk.Resample(to_sitk(moving), to_sitk(reference.with_array(np.zeros(reference.shape, np.uint8))),
-                                  transform, interp, 0.0), moving.name)
-    if cubic and not labels:
-        out.array = np.clip(out.array, min(float(moving.array.min()), 0.0), float(moving.array.max()))
-    return out
-
-
-def coverage_of(moving: Volume, reference: Volume, affine_lps: Optional[np.ndarray] = None) -> np.ndarray:
-    """1 where a reference voxel (mapped through ``affine_lps``) lies inside the moving image's field of view."""
-    ones = moving.with_array(np.ones(moving.shape, dtype=np.uint8))
-    return resample_into(ones, reference, labels=True, affine_lps=affine_lps).array.astype(np.float32)
-
-
 def peak_memory_mb(device: Optional[torch.device] = None) -> Dict[str, float]:
     out = {"host_peak_rss_mb": host_peak_rss_mb()}
     if device is not None and device.type == "cuda":
@@ -180,10 +162,160 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class RunLog:
+    """What a registration reports as it goes: progress, timings per stage and notes (retries, fallbacks)."""
+
+    def __init__(self, progress: ProgressFn = None):
+        self.report: Callable[[str, float], None] = progress or (lambda stage, fraction: None)
+        self.timings: Dict[str, float] = {}
+        self.notes: List[str] = []
+
+
+@dataclass
+class Plan:
+    """What ``register`` will do, decided from the options and the fixed grid before any full-size copy."""
+    model: Optional["SAMIRModel"]  # network mode: the trained network
+    encoder_name: str
+    input_size: Optional[int]  # encoder k (None: the encoder's default)
+    normalization: str  # as asked ("auto": chosen from the fixed image)
+    axis: int  # slicing axis, in the fixed array's (z, y, x) axes
+    need_features: bool
+    estimated_peak_mb: float
+
+
+@dataclass
+class FixedFramePair:
+    """The pair on the fixed grid, normalised, and what was learnt about it on the way."""
+    fixed01: np.ndarray
+    moving01: np.ndarray  # the moving image resampled into the fixed frame (through the alignment)
+    normalization: str  # resolved
+    fixed_mask: Optional[np.ndarray]  # bool, on the fixed grid
+    moving_valid: np.ndarray  # 1 where the moving image (and its mask) covers a fixed voxel
+    alignment: AffineAlignment
+    overlap: float
+    similarity: str  # resolved ("auto" decided)
+    rank_correlation: float
+    histogram_matched: bool
+
+
+@dataclass
+class PairFeatures:
+    """Encoder features of a pair as the field computation reads them (None without features)."""
+    fixed: Optional[SliceFeatures] = None
+    moving: Optional[SliceFeatures] = None
+    encoder: Optional[SliceEncoder] = None
+    stride: Optional[int] = None
+    cache: Optional[FeatureCache] = None
+    guide: bool = False  # zero-shot guidance features (else, if any, the network's)
+
+
+@dataclass
+class ComputedField:
+    field: torch.Tensor  # (1, 3, D, H, W) voxels of the fixed grid, on ``device``
+    levels: List[LevelReport]
+    device: torch.device  # where it was computed (the CPU after an out-of-memory fallback)
+    timings: Dict[str, float]
+
+
+def load_network(options: RegistrationOptions) -> Optional["SAMIRModel"]:
+    """Network mode's trained network (None in zero-shot mode)."""
+    if options.mode != "network":
+        return None
+    from .checkpoint import load_model
+    return load_model(options.network, encoder=options.encoder, input_size=options.input_size)
+
+
+def plan_registration(fixed: Volume, options: RegistrationOptions, settings: OptimizerSettings,
+                      model: Optional["SAMIRModel"], device: torch.device) -> Plan:
+    """Choose the slicing axis and whether features are needed; estimate the peak memory."""
+    normalization = options.normalization
+    if model is not None and normalization == "auto":
+        normalization = model.config.normalization
+    axis = options.slicing_axis
+    if axis is None:
+        axis = choose_slicing_axis(fixed.shape, fixed.spacing_zyx)
+    need_features = (model is not None and model.config.encoder != "none") or (  # "none": image-only network
+        model is None and options.use_features and settings.feature_weight > 0)
+    optimised = optimised_level_shapes(fixed.shape, settings, axis, fixed.spacing_zyx)
+    optimising = model is None or options.refine_iterations
+    full_resolution_stage = optimising and settings.full_resolution_iterations
+    velocity_voxels = math.prod(fixed.shape) if full_resolution_stage and settings.full_resolution_velocity else \
+        math.prod(optimised[-1]) if optimised and optimising else 0
+    estimate = estimate_peak_memory_mb(
+        fixed.shape, velocity_voxels, encoded_slices=2 * fixed.shape[axis] if need_features else 0,
+        network=model is not None, on_gpu=device.type == "cuda",
+        image_loss_voxels=math.prod(fixed.shape) if full_resolution_stage else 0)
+    return Plan(model, model.config.encoder if model is not None else (options.encoder or "litemedsam"),
+                model.config.input_size if model is not None else options.input_size, normalization, axis,
+                need_features, estimate)
+
+
+def align_pair(fixed: Volume, moving: Volume, fixed01: np.ndarray, normalization: str,
+               fixed_mask: Optional[np.ndarray], moving_mask: Optional[Volume], options: RegistrationOptions,
+               device: torch.device, log: RunLog) -> AffineAlignment:
+    """The affine pre-alignment in physical space (the identity with ``alignment="none"``)."""
+    if options.alignment == "none":
+        return identity_alignment(options.alignment)
+    log.report("align", 0.0)
+    align = lambda dev, _batch: align_affine(
+        fixed.with_array(fixed01), moving.with_array(normalize_intensity(moving.array, normalization)),
+        options.alignment, None if fixed_mask is None else fixed.with_array(fixed_mask.astype(np.float32)),
+        None if moving_mask is None else resample_into(moving_mask, moving, labels=True),
+        device=dev, progress=lambda f: log.report("align", f))
+    # float64 maps: none on MPS, which aligns on the CPU
+    return run_with_oom_fallback(align, device if device.type == "cuda" else torch.device("cpu"), 1, "pre-alignment",
+                                 log.notes)
+
+
+def choose_similarity(options: RegistrationOptions, rank_correlation: float) -> str:
+    if options.similarity != "auto":
+        return options.similarity
+    return "ncc" if rank_correlation >= SAME_CONTRAST_MIN_CORRELATION else "mind"
+
+
+def prepare_pair(fixed: Volume, moving: Volume, fixed_mask: Optional[Volume], moving_mask: Optional[Volume],
+                 options: RegistrationOptions, plan: Plan, device: torch.device, log: RunLog) -> FixedFramePair:
+    """Normalise, pre-align and resample the moving image (and masks) into the fixed frame; choose the similarity."""
+    t0 = time.perf_counter()
+    norm = resolve_normalization(fixed.array, plan.normalization)
+    fixed01 = normalize_intensity(fixed.array, norm)
+    fixed_mask_np = None if fixed_mask is None else resample_into(fixed_mask, fixed, labels=True).array > 0
+    alignment = align_pair(fixed, moving, fixed01, norm, fixed_mask_np, moving_mask, options, device, log)
+    if options.alignment != "none":
+        log.timings["align_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+    log.report("resample", 0.0)
+    coverage = coverage_of(moving, fixed, alignment.matrix)
+    overlap = float(coverage.mean())
+    if overlap < MIN_OVERLAP:
+        raise SAMIRInputError(
+            f"fixed and moving images do not overlap in physical space: only {100 * overlap:.1f}% of the fixed"
+            " image lies inside the moving image" + (" after the affine alignment" if alignment.used else "")
+            + " (check origins and orientations, or align them first)")
+    # cubic: linear interpolation blurs by an amount that varies with the sub-voxel offset, which NCC rewards
+    moving_on_fixed = resample_into(moving, fixed, affine_lps=alignment.matrix, cubic=True)
+    moving01 = normalize_intensity(moving_on_fixed.array, norm, mask=coverage)
+    rank_correlation = intensity_rank_correlation(fixed01, moving01, coverage, seed=options.seed)
+    similarity = choose_similarity(options, rank_correlation)
+    # NCC forgives linear intensity changes only; on request a same-contrast pair with another intensity
+    # response (gamma, scanner, protocol) is first brought onto one histogram over the region both images
+    # cover. The network sees the intensities it was trained on; MIND-SSC needs no matching.
+    histogram_matched = bool(options.histogram_matching and plan.model is None and similarity == "ncc")
+    if histogram_matched:
+        moving01 = match_histogram(moving01, fixed01, source_valid=coverage, reference_valid=coverage)
+    log.timings["resample_s"] = time.perf_counter() - t0
+    log.report("resample", 1.0)
+    moving_valid = coverage
+    if moving_mask is not None:
+        moving_mask_on_fixed = resample_into(moving_mask, fixed, labels=True, affine_lps=alignment.matrix)
+        moving_valid = coverage * (moving_mask_on_fixed.array > 0)
+    return FixedFramePair(fixed01, moving01, norm, fixed_mask_np, moving_valid, alignment, overlap, similarity,
+                        rank_correlation, histogram_matched)
+
+
 def encode_pair(fixed01: np.ndarray, moving01: np.ndarray, encoder: SliceEncoder, axis: int, device: torch.device,
-                options: RegistrationOptions, stride: int, report: Callable[[str, float], None],
-                cache: Optional[FeatureCache] = None, normalization: str = "", spacing_zyx=None,
-                notes: Optional[List[str]] = None):
+                options: RegistrationOptions, stride: int, log: RunLog, cache: Optional[FeatureCache] = None,
+                normalization: str = "", spacing_zyx=None):
     """The encoder's raw features of the normalised fixed and moving volumes (slices along ``axis``).
 
     With ``cache``, features stored there for the same content, encoder, ``normalization``, axis and
@@ -191,8 +323,9 @@ def encode_pair(fixed01: np.ndarray, moving01: np.ndarray, encoder: SliceEncoder
     def encode(label: str, volume01: np.ndarray):
         batch = options.encoder_batch_size or default_encoder_batch_size(device)
         run = lambda: run_with_oom_fallback(
-            lambda dev, b: encode_volume(volume01, encoder, axis, dev, b, lambda f: report(f"encode {label}", f), stride),
-            device, batch, f"encoding the {label} image", notes if notes is not None else [])
+            lambda dev, b: encode_volume(volume01, encoder, axis, dev, b, lambda f: log.report(f"encode {label}", f),
+                                         stride),
+            device, batch, f"encoding the {label} image", log.notes)
         if cache is None:
             return run()
         return cache.fetch_or_encode(label, volume01, spacing_zyx, normalization, encoder, axis, stride, device, run)
@@ -206,6 +339,94 @@ def reduce_pair(fixed_features, moving_features, options: RegistrationOptions):
     return reduce_channels(fixed_features, reduction), reduce_channels(moving_features, reduction)
 
 
+def encode_features(fixed: Volume, pair: FixedFramePair, options: RegistrationOptions, plan: Plan, device: torch.device,
+                  encoder: Optional[SliceEncoder], log: RunLog) -> PairFeatures:
+    """Encode the pair (if the plan needs features) and reduce the features to what the field computation reads."""
+    if not plan.need_features:
+        return PairFeatures(encoder=encoder)
+    model = plan.model
+    t0 = time.perf_counter()
+    if encoder is None:
+        log.report("load encoder", 0.0)
+        encoder = build_encoder(plan.encoder_name, options.encoder_weights, plan.input_size)
+    if model is not None and (encoder.name != model.config.encoder or encoder.input_size != model.config.input_size):
+        raise SAMIRInputError(f"the network was trained on {model.config.encoder} (k = {model.config.input_size})"
+                              f" features, the encoder given is {encoder.name} (k = {encoder.input_size})")
+    log.timings["encoder_load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stride = options.slice_stride or auto_slice_stride(fixed.shape, fixed.spacing_zyx, plan.axis, encoder.feature_size)
+    cache = FeatureCache() if options.use_cache else None
+    fixed_features, moving_features = encode_pair(pair.fixed01, pair.moving01, encoder, plan.axis, device, options,
+                                                  stride, log, cache=cache, normalization=pair.normalization,
+                                                  spacing_zyx=fixed.spacing_zyx)
+    log.timings["encoder_s"] = time.perf_counter() - t0
+    if model is None:
+        fixed_features, moving_features = reduce_pair(fixed_features, moving_features, options)
+    else:
+        from .inference import prepare_features  # the raw 256-channel features are not needed any more
+        fixed_features, moving_features = prepare_features(model, fixed_features, moving_features)
+    return PairFeatures(fixed_features, moving_features, encoder, stride, cache, guide=model is None)
+
+
+def compute_field(fixed: Volume, pair: FixedFramePair, features: PairFeatures, plan: Plan, settings: OptimizerSettings,
+                  options: RegistrationOptions, device: torch.device, report: Callable[[str, float], None]
+                  ) -> ComputedField:
+    """Network forward pass and/or pyramid optimisation on ``device``."""
+    timings: Dict[str, float] = {}
+    t_start = time.perf_counter()
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None].to(device)
+    fixed_t, moving_t = as_tensor(pair.fixed01), as_tensor(pair.moving01)
+    initial_field = None
+    if plan.model is not None:
+        from .inference import predict_field
+        report("network", 0.0)
+        initial_field = predict_field(plan.model, fixed_t, moving_t, features.fixed, features.moving,
+                                      fixed.spacing_zyx, plan.axis, prepared=True)
+        report("network", 1.0)
+        timings["network_s"] = time.perf_counter() - t_start
+        t_start = time.perf_counter()
+        if not options.refine_iterations:
+            return ComputedField(initial_field, [], device, timings)
+    guide = features.guide
+    field_, levels = optimize_pyramid(
+        fixed_t, moving_t, fixed.spacing_zyx, settings, features.fixed if guide else None,
+        features.moving if guide else None, plan.axis, None if pair.fixed_mask is None else as_tensor(pair.fixed_mask),
+        None if pair.moving_valid.min() > 0 else as_tensor(pair.moving_valid), initial_field=initial_field,
+        feature_spacing_mm=features.fixed.feature_spacing_mm(fixed.spacing_zyx) if guide else 0.0,
+        progress=lambda f: report("optimise", f))
+    timings["optimise_s"] = time.perf_counter() - t_start
+    return ComputedField(field_, levels, device, timings)
+
+
+def finish_field(u: torch.Tensor, alignment: AffineAlignment, fixed: Volume, notes: List[str]):
+    """The affine map folded into the field, and its Jacobian determinant (on the field's device); both on the CPU."""
+    def finish(dev: torch.device, _batch: int):
+        total = u.detach().float().to(dev)
+        if alignment.used:
+            total = compose_with_affine(total, alignment.matrix, fixed)
+        return total.cpu(), jacobian_determinant(total)[0].cpu()
+    return run_with_oom_fallback(finish, u.device, 1, "composition and Jacobian", notes)
+
+
+def describe_run(options: RegistrationOptions, plan: Plan, pair: FixedFramePair, features: PairFeatures,
+                 settings: OptimizerSettings, computed: ComputedField, notes: List[str]) -> Dict[str, object]:
+    """The result's ``info``: what was done, as the summary reports it."""
+    model, encoder, cache = plan.model, features.encoder, features.cache
+    return {
+        "mode": options.mode, "encoder": encoder.describe() if encoder is not None else None,
+        "network": model.describe() if model is not None else None, "refine_iterations": options.refine_iterations,
+        "device": str(computed.device), "preset": options.preset, "normalization": pair.normalization,
+        "slicing_axis_zyx": plan.axis, "slice_stride": features.stride, "overlap_fraction": pair.overlap,
+        "similarity": pair.similarity, "intensity_rank_correlation": pair.rank_correlation,
+        "histogram_matching": pair.histogram_matched, "alignment": pair.alignment.describe(),
+        "optimizer": settings.to_dict(),
+        "feature_cache": cache.report() if cache is not None else (
+            {"enabled": False} if features.stride is not None else None),
+        "levels": [asdict(level) for level in computed.levels], "notes": notes,
+        "estimated_peak_host_mb": plan.estimated_peak_mb, **peak_memory_mb(computed.device),
+    }
+
+
 def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOptions] = None,
              fixed_mask: Optional[Volume] = None, moving_mask: Optional[Volume] = None,
              encoder: Optional[SliceEncoder] = None, progress: ProgressFn = None) -> RegistrationResult:
@@ -215,156 +436,21 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
     settings = options.settings()
     device = resolve_device(options.device)
     seed_everything(options.seed)
-    timings: Dict[str, float] = {}
-    notes: List[str] = []
-    report = progress or (lambda stage, fraction: None)
-
-    model = None
-    if options.mode == "network":
-        from .network import load_model
-        model = load_model(options.network, encoder=options.encoder, input_size=options.input_size)
-    encoder_name = model.config.encoder if model is not None else (options.encoder or "litemedsam")
-    input_size = model.config.input_size if model is not None else options.input_size
-    normalization = options.normalization
-    if model is not None and normalization == "auto":
-        normalization = model.config.normalization
-
-    axis = options.slicing_axis if options.slicing_axis is not None else choose_slicing_axis(fixed.shape, fixed.spacing_zyx)
-    need_features = (model is not None and model.config.encoder != "none") or (  # "none": image-only network
-        model is None and options.use_features and settings.feature_weight > 0)
-    optimised = optimised_level_shapes(fixed.shape, settings, axis, fixed.spacing_zyx)
-    optimising = model is None or options.refine_iterations
-    full_resolution_stage = optimising and settings.full_resolution_iterations
-    velocity_voxels = math.prod(fixed.shape) if full_resolution_stage and settings.full_resolution_velocity else \
-        math.prod(optimised[-1]) if optimised and optimising else 0
-    estimate = estimate_peak_memory_mb(
-        fixed.shape, velocity_voxels, encoded_slices=2 * fixed.shape[axis] if need_features else 0,
-        network=model is not None, on_gpu=device.type == "cuda",
-        image_loss_voxels=math.prod(fixed.shape) if full_resolution_stage else 0)
-    check_host_memory(estimate, fixed.shape)  # before any full-size copy is made
-    t0 = time.perf_counter()
-    norm = resolve_normalization(fixed.array, normalization)
-    fixed01 = normalize_intensity(fixed.array, norm)
-    fixed_mask_np = None if fixed_mask is None else resample_into(fixed_mask, fixed, labels=True).array > 0
-    alignment = identity_alignment(options.alignment)
-    if options.alignment != "none":
-        report("align", 0.0)
-        align = lambda dev, _batch: align_affine(
-            fixed.with_array(fixed01), moving.with_array(normalize_intensity(moving.array, norm)), options.alignment,
-            None if fixed_mask_np is None else fixed.with_array(fixed_mask_np.astype(np.float32)),
-            None if moving_mask is None else resample_into(moving_mask, moving, labels=True),
-            device=dev, progress=lambda f: report("align", f))
-        # float64 maps: none on MPS, which aligns on the CPU
-        alignment = run_with_oom_fallback(align, device if device.type == "cuda" else torch.device("cpu"), 1,
-                                          "pre-alignment", notes)
-        timings["align_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-    report("resample", 0.0)
-    coverage = coverage_of(moving, fixed, alignment.matrix)
-    overlap = float(coverage.mean())
-    if overlap < MIN_OVERLAP:
-        raise SAMIRInputError(
-            f"fixed and moving images do not overlap in physical space: only {100 * overlap:.1f}% of the fixed"
-            " image lies inside the moving image" + (" after the affine alignment" if alignment.used else "")
-            + " (check origins and orientations, or align them first)")
-    # cubic: linear interpolation blurs by an amount that varies with the sub-voxel offset, which NCC then
-    # rewards (measured on a synthetic pair after an affine resampling: Dice 0.954 linear, 0.957 cubic)
-    moving_on_fixed = resample_into(moving, fixed, affine_lps=alignment.matrix, cubic=True)
-    moving01 = normalize_intensity(moving_on_fixed.array, norm, mask=coverage)
-    rank_correlation = intensity_rank_correlation(fixed01, moving01, coverage, seed=options.seed)
-    similarity = options.similarity
-    if similarity == "auto":
-        similarity = "ncc" if rank_correlation >= SAME_CONTRAST_MIN_CORRELATION else "mind"
-    settings = replace(settings, similarity=similarity)
-    # NCC forgives linear intensity changes only; on request a same-contrast pair with another intensity
-    # response (gamma, scanner, protocol) is first brought onto one histogram over the region both images
-    # cover. The network sees the intensities it was trained on; MIND-SSC needs no matching.
-    histogram_matched = bool(options.histogram_matching and model is None and similarity == "ncc")
-    if histogram_matched:
-        moving01 = match_histogram(moving01, fixed01, source_valid=coverage, reference_valid=coverage)
-    timings["resample_s"] = time.perf_counter() - t0
-    report("resample", 1.0)
-
-    fixed_features = moving_features = stride = cache = None
-    if need_features:
-        t0 = time.perf_counter()
-        if encoder is None:
-            report("load encoder", 0.0)
-            encoder = build_encoder(encoder_name, options.encoder_weights, input_size)
-        if model is not None and (encoder.name != model.config.encoder or encoder.input_size != model.config.input_size):
-            raise SAMIRInputError(f"the network was trained on {model.config.encoder} (k = {model.config.input_size})"
-                                  f" features, the encoder given is {encoder.name} (k = {encoder.input_size})")
-        timings["encoder_load_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        stride = options.slice_stride or auto_slice_stride(fixed.shape, fixed.spacing_zyx, axis, encoder.feature_size)
-        cache = FeatureCache() if options.use_cache else None
-        fixed_features, moving_features = encode_pair(fixed01, moving01, encoder, axis, device, options, stride, report,
-                                                      cache=cache, normalization=norm, spacing_zyx=fixed.spacing_zyx,
-                                                      notes=notes)
-        timings["encoder_s"] = time.perf_counter() - t0
-
-    moving_valid = coverage
-    if moving_mask is not None:
-        moving_valid = coverage * (resample_into(moving_mask, fixed, labels=True, affine_lps=alignment.matrix).array > 0)
-    guide = model is None and fixed_features is not None
-    if guide:
-        fixed_features, moving_features = reduce_pair(fixed_features, moving_features, options)
-    elif model is not None and fixed_features is not None:
-        from .network import prepare_features  # the raw 256-channel features are not needed any more
-        fixed_features, moving_features = prepare_features(model, fixed_features, moving_features)
-    if model is not None:
+    log = RunLog(progress)
+    plan = plan_registration(fixed, options, settings, load_network(options), device)
+    check_host_memory(plan.estimated_peak_mb, fixed.shape)  # before any full-size copy is made
+    pair = prepare_pair(fixed, moving, fixed_mask, moving_mask, options, plan, device, log)
+    settings = replace(settings, similarity=pair.similarity)
+    features = encode_features(fixed, pair, options, plan, device, encoder, log)
+    if plan.model is not None:
         settings = replace(settings, optimised_levels=2, iterations=(options.refine_iterations,))
-
-    def compute_field(dev: torch.device, _batch: int):
-        """Network forward pass and/or pyramid optimisation on ``dev``; returns (field, level reports)."""
-        t_start = time.perf_counter()
-        used_device[0] = dev
-        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None].to(dev)
-        fixed_t, moving_t = as_tensor(fixed01), as_tensor(moving01)
-        initial_field = None
-        if model is not None:
-            from .network import predict_field
-            report("network", 0.0)
-            initial_field = predict_field(model, fixed_t, moving_t, fixed_features, moving_features,
-                                          fixed.spacing_zyx, axis, prepared=True)
-            report("network", 1.0)
-            timings["network_s"] = time.perf_counter() - t_start
-            t_start = time.perf_counter()
-            if not options.refine_iterations:
-                return initial_field, []
-        field_, reports = optimize_pyramid(
-            fixed_t, moving_t, fixed.spacing_zyx, settings, fixed_features if guide else None,
-            moving_features if guide else None, axis, None if fixed_mask_np is None else as_tensor(fixed_mask_np),
-            None if moving_valid.min() > 0 else as_tensor(moving_valid), initial_field=initial_field,
-            feature_spacing_mm=fixed_features.feature_spacing_mm(fixed.spacing_zyx) if guide else 0.0,
-            progress=lambda f: report("optimise", f))
-        timings["optimise_s"] = time.perf_counter() - t_start
-        return field_, reports
-
-    used_device = [device]
-    u, levels = run_with_oom_fallback(compute_field, device, 1, "registration", notes)
-    device = used_device[0]
-    def finish(dev: torch.device, _batch: int):
-        """The affine map folded into the field, and its Jacobian determinant (on the field's device)."""
-        total = u.detach().float().to(dev)
-        if alignment.used:
-            total = compose_with_affine(total, alignment.matrix, fixed)
-        return total.cpu(), jacobian_determinant(total)[0].cpu()
-    u, jac = run_with_oom_fallback(finish, u.device, 1, "composition and Jacobian", notes)
-    jac = jac.numpy()
-    info = {
-        "mode": options.mode, "encoder": encoder.describe() if encoder is not None else None,
-        "network": model.describe() if model is not None else None, "refine_iterations": options.refine_iterations,
-        "device": str(device), "preset": options.preset, "normalization": norm, "slicing_axis_zyx": axis,
-        "slice_stride": stride, "overlap_fraction": overlap, "similarity": similarity,
-        "intensity_rank_correlation": rank_correlation, "histogram_matching": histogram_matched,
-        "alignment": alignment.describe(),
-        "optimizer": settings.to_dict(),
-        "feature_cache": cache.report() if cache is not None else ({"enabled": False} if stride is not None else None),
-        "levels": [asdict(level) for level in levels], "notes": notes, "estimated_peak_host_mb": estimate,
-        **peak_memory_mb(device),
-    }
-    return RegistrationResult(fixed, u, jac, timings, info)
+    computed = run_with_oom_fallback(
+        lambda dev, _batch: compute_field(fixed, pair, features, plan, settings, options, dev, log.report),
+        device, 1, "registration", log.notes)
+    log.timings.update(computed.timings)
+    u, jac = finish_field(computed.field, pair.alignment, fixed, log.notes)
+    info = describe_run(options, plan, pair, features, settings, computed, log.notes)
+    return RegistrationResult(fixed, u, jac.numpy(), log.timings, info)
 
 
 def stage_times(summary: dict) -> str:

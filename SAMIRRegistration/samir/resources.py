@@ -26,15 +26,14 @@ from .geometry import SAMIRInputError
 log = logging.getLogger("samir")
 T = TypeVar("T")
 
-# Peak host memory model, fitted on measured runs (bench/brain_pair.py, 160x192x224 brain, 2 threads:
-# fast 2286 MB, balanced 2925 MB) and kept conservative: a fixed runtime cost, per voxel of the full
-# grid (images, field, Jacobian, outputs) and per voxel of the finest optimised level (autograd of
-# warping and scaling and squaring).
+# Peak host memory model, fitted on measured runs (bench/README, "Design notes") and kept conservative:
+# a fixed runtime cost, per voxel of the full grid (images, field, Jacobian, outputs) and per voxel of
+# the finest optimised level (autograd of warping and scaling and squaring).
 BASE_MB = 700.0
 BYTES_PER_VOXEL = 240.0
 BYTES_PER_OPTIMISED_VOXEL = 600.0
 BYTES_PER_IMAGE_LOSS_VOXEL = 170.0  # the full-resolution stage: field, warped image and NCC statistics with autograd
-BYTES_PER_NETWORK_VOXEL = 500.0  # head inference at full resolution (slabs, channel groups): 3.8 GB measured on 7.9 M voxels
+BYTES_PER_NETWORK_VOXEL = 500.0  # head inference at full resolution (slabs, channel groups)
 FEATURE_BYTES_PER_SLICE = 256 * 64 * 64 * 2 * 3  # fp16 features of one slice, and their reduction
 
 

@@ -11,30 +11,44 @@ Conventions (stated here once; every other module relies on them):
   fixed grid to where it is found in the moving image (ITK's transform direction).
 * Grids are cell-centred. Resampling a grid of ``n`` voxels to ``m`` voxels keeps the extent, so
   voxel ``i`` of the ``m``-grid sits at ``(i + 0.5) * n / m - 0.5`` of the ``n``-grid
-  (``align_corners=False`` throughout).
+  (``align_corners=False`` throughout). Sampling at continuous voxel indices (resampling through a
+  displacement, encoder features onto a level grid) converts them with :func:`grid_coordinates`.
 * ``jacobian_determinant`` works in voxel units; the determinant of ``I + grad u`` does not depend
   on the spacing, so it equals the physical Jacobian determinant.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+import functools
+import math
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from .stepper import device_constant
-
 Shape3 = Sequence[int]
 
 
-def _normalized_axis(size: int, device, dtype) -> torch.Tensor:
-    """Normalized coordinates (align_corners=False) of the ``size`` voxel centres of one axis."""
-    return (2.0 * torch.arange(size, device=device, dtype=dtype) + 1.0) / size - 1.0
+@functools.lru_cache(maxsize=512)
+def _cached_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False):  # made under inference mode it could not join a later backward pass
+        return torch.tensor(values, device=device, dtype=dtype)
+
+
+def device_constant(values: Sequence[float], device, dtype=torch.float32) -> torch.Tensor:
+    """A small constant tensor on ``device``, made once: no host-to-device copy inside a recorded step."""
+    return _cached_constant(tuple(float(v) for v in values), torch.device(device), dtype)
+
+
+def grid_coordinates(index: torch.Tensor, size: int) -> torch.Tensor:
+    """``grid_sample`` coordinates (``align_corners=False``) of continuous voxel indices along an axis of
+    ``size`` voxels. A Python-number divisor: no host-to-device copy, so it may run in a recorded step."""
+    return (2.0 * index + 1.0) / size - 1.0
 
 
 def normalized_identity_grid(shape: Shape3, device=None, dtype=torch.float32) -> torch.Tensor:
     """Identity sampling grid ``(1, D, H, W, 3)`` for ``grid_sample``; last axis ordered (W, H, D)."""
-    d, h, w = torch.meshgrid(*(_normalized_axis(n, device, dtype) for n in shape), indexing="ij")
+    d, h, w = torch.meshgrid(*(grid_coordinates(torch.arange(n, device=device, dtype=dtype), n) for n in shape),
+                             indexing="ij")
     return torch.stack([w, h, d], dim=-1).unsqueeze(0)
 
 
@@ -95,6 +109,37 @@ def resize_volume(x: torch.Tensor, shape: Shape3) -> torch.Tensor:
     return F.interpolate(x, size=shape, mode="trilinear", align_corners=False)
 
 
+def pyramid_shapes(shape: Sequence[int], levels: int, slicing_axis: Optional[int] = None,
+                   spacing_zyx: Optional[Sequence[float]] = None, min_size: int = 8,
+                   through_plane_min: int = 16, anisotropy: float = 1.25) -> List[Tuple[int, int, int]]:
+    """Grid shapes of levels 1 (full) .. ``levels`` (coarsest).
+
+    An axis is halved while it keeps at least ``min_size`` voxels and (when ``spacing_zyx`` is
+    given) its voxels are not already coarser than 1.5x the finest axis, so anisotropic grids become
+    more isotropic going down. The slicing axis of an anisotropic volume is only halved while it
+    keeps ``through_plane_min`` voxels (a 16-slice cine volume keeps its depth).
+    """
+    spacing = [1.0, 1.0, 1.0] if spacing_zyx is None else [float(s) for s in spacing_zyx]
+    anisotropic = max(spacing) > anisotropy * min(spacing)
+    shapes = [tuple(int(n) for n in shape)]
+    for _ in range(levels - 1):
+        prev = shapes[-1]
+        limits = [through_plane_min if (axis == slicing_axis and (anisotropic or spacing_zyx is None)) else min_size
+                  for axis in range(3)]
+        can_halve = [math.ceil(n / 2) >= limit for n, limit in zip(prev, limits)]
+        finest = min([s for s, ok in zip(spacing, can_halve) if ok], default=min(spacing))
+        nxt = []
+        for axis, n in enumerate(prev):
+            half = math.ceil(n / 2)
+            if can_halve[axis] and spacing[axis] <= 1.5 * finest:
+                nxt.append(half)
+                spacing[axis] *= n / half
+            else:
+                nxt.append(n)
+        shapes.append(tuple(nxt))
+    return shapes
+
+
 def spatial_gradient(u: torch.Tensor) -> torch.Tensor:
     """Central-difference gradient (one-sided at the border): ``(B, C, 3, D, H, W)``, d/dD, d/dH, d/dW."""
     grads = torch.gradient(u, dim=(2, 3, 4))
@@ -133,8 +178,8 @@ def gaussian_smooth(x: torch.Tensor, sigma: Union[float, Sequence[float]]) -> to
     """Separable Gaussian of ``sigma`` voxels (one value, or one per axis z, y, x), replicate padding.
 
     Each axis is one convolution, except on a CPU where no gradient is needed: there a sum of shifted
-    copies is about ten times faster (the same numbers; its backward pass, a copy per tap, is slower
-    than the convolution's on large volumes)."""
+    copies is much faster (the same numbers; its backward pass, a copy per tap, is slower than the
+    convolution's on large volumes)."""
     shifted_sum = not x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad)
     sigmas = [float(sigma)] * 3 if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
     channels = x.shape[1]

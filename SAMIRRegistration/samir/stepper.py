@@ -8,14 +8,13 @@ handles), then records one step as a CUDA graph and replays it: one launch per s
 ``SAMIR_CUDA_GRAPHS=0``, or where recording fails, every step runs eagerly; the arithmetic is the same.
 
 A step function must not read values back to the host (no ``float(tensor)``, no branches on data)
-and must build no new tensors from host data: constants come from :func:`device_constant`.
+and must build no new tensors from host data: constants come from :func:`samir.spatial.device_constant`.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -32,9 +31,9 @@ def graphs_enabled(device: torch.device) -> bool:
 class Adam:
     """Adam (Kingma and Ba, 2015) computed as ``torch.optim.Adam`` computes it, written out.
 
-    ``torch.optim``'s first step imports ``torch._dynamo``, which took 6.5 s on the GPU machine (1.2 s
-    here): a fresh ``samir register`` process paid it before its first result. The step count is a
-    tensor on the parameters' device, so a step can be recorded in a CUDA graph."""
+    ``torch.optim``'s first step imports ``torch._dynamo``, a slow import that a fresh ``samir register``
+    process paid before its first result (bench/README, "Design notes"). The step count is a tensor on the
+    parameters' device, so a step can be recorded in a CUDA graph."""
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         groups = list(params)
@@ -65,17 +64,6 @@ class Adam:
                 # p -= lr / (1 - beta1^t) * first / (sqrt(second / (1 - beta2^t)) + eps), in place
                 denominator = second.sqrt().div_((1 - beta2 ** count).sqrt()).add_(self.eps)
                 p.addcdiv_(first, denominator.mul_((1 - beta1 ** count) / group["lr"]), value=-1.0)
-
-
-@functools.lru_cache(maxsize=512)
-def _cached_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    with torch.inference_mode(False):  # made under inference mode it could not join a later backward pass
-        return torch.tensor(values, device=device, dtype=dtype)
-
-
-def device_constant(values: Sequence[float], device, dtype=torch.float32) -> torch.Tensor:
-    """A small constant tensor on ``device``, made once: no host-to-device copy inside a recorded step."""
-    return _cached_constant(tuple(float(v) for v in values), torch.device(device), dtype)
 
 
 class RepeatedStep:

@@ -1,7 +1,7 @@
 """Training a SAMIR network (paper protocol): configuration, cached encoder features, loss, loop.
 
 ``samir train CONFIG`` (TOML, or YAML when PyYAML is installed) trains the head + PDFP of
-:class:`samir.pyramid.SAMIRNet` on frozen, precomputed encoder features with
+:class:`samir.samirnet.SAMIRNet` on frozen, precomputed encoder features with
 
     L = λ0 NCC(F, M∘φ) + λ1 HFC + λ2 Dice(S_F, S_M∘φ) (weakly supervised, optional) + λ3 smoothness
 
@@ -9,7 +9,7 @@
 pyramid level), Adam with learning rate 1e-4, augmentation by swapping fixed and moving and by
 flips. Before training a channel reduction (PCA, ``encoder_channels -> feature_channels``) is
 fitted on training-set features and stored in every checkpoint, so features mean the same at
-inference; the feature path is exactly the one of :func:`samir.network.predict_field` (frame
+inference; the feature path is exactly the one of :func:`samir.inference.predict_field` (frame
 component removed per pair, projected, sampled onto the grid).
 
 Output folder (``train.output_dir``): ``model_best.pt`` (best validation Dice) and
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import IMAGE_ONLY, ModelConfig, build_network, count_parameters, save_model
 from .datasets import DataConfig, PairDataset, PreparedPair, PreparedVolume, describe
 from .distributed import DistributedContext, init_distributed, shutdown_distributed
 from .encoders import ENCODERS, SliceEncoder, build_encoder
@@ -48,8 +49,8 @@ from .features import (ChannelReduction, SliceFeatures, auto_slice_stride, choos
 from .geometry import SAMIRInputError
 from .losses import diffusion_loss, hierarchical_feature_consistency, local_ncc_loss, ncc_window, soft_dice_loss
 from .metrics import dice_per_label
-from .network import IMAGE_ONLY, ModelConfig, build_network, count_parameters, save_model
-from .pyramid import SAMIRNet
+from .resampling import warp_labels_on_grid
+from .samirnet import SAMIRNet
 from .spatial import resize_volume, warp
 
 log = logging.getLogger("samir.training")
@@ -600,14 +601,6 @@ def collate(pairs: Sequence[PairTensors], label_values: Sequence[int]):
 
 # =========================================================================== validation
 
-def warp_label_map(labels: torch.Tensor, u: torch.Tensor, values: Sequence[int]) -> torch.Tensor:
-    """Per-label linear interpolation + argmax on the grid (background included); ``(1, 1, ...)`` int64."""
-    values = [0] + [v for v in values if v != 0]
-    probabilities = warp(onehot(labels, values), u)
-    index = probabilities.argmax(1, keepdim=True)
-    return torch.as_tensor(values, device=labels.device)[index]
-
-
 @torch.no_grad()
 def validation_dice(net: SAMIRNet, dataset: PairDataset, loader: PairLoader, indices: Sequence[int],
                     context: DistributedContext) -> Tuple[float, Dict[int, float]]:
@@ -617,13 +610,15 @@ def validation_dice(net: SAMIRNet, dataset: PairDataset, loader: PairLoader, ind
     values = sorted(dataset.labels)
     sums = torch.zeros(2 * len(values) + 2, dtype=torch.float64, device=context.device)
     for index in context.shard(list(indices)):
-        pair = loader(dataset[index])
-        if pair.fixed_labels is None or pair.moving_labels is None:
+        prepared = dataset[index]
+        if prepared.fixed.labels is None or prepared.moving.labels is None:
             continue
+        pair = loader(prepared)
         u = net(pair.fixed_features, pair.fixed, pair.moving_features, pair.moving, pair.slicing_axis,
                 pair.spacing_zyx).final
-        warped = warp_label_map(pair.moving_labels, u, values)
-        scores = dice_per_label(pair.fixed_labels[0, 0].cpu().numpy(), warped[0, 0].cpu().numpy(), values)
+        # the label rule of the reported Dice (samir evaluate), so the best model is chosen by it
+        warped = warp_labels_on_grid(prepared.moving.labels, prepared.fixed.grid, u)
+        scores = dice_per_label(prepared.fixed.labels, warped, values)
         if scores:
             sums[0] += float(np.mean(list(scores.values())))
             sums[1] += 1
@@ -759,205 +754,302 @@ def train(config: TrainingConfig, encoder: Optional[SliceEncoder] = None, restar
     own_context = context is None
     context = context or init_distributed(config.train.device)
     try:
-        return _train(config, encoder, restart, on_step, context)
+        return Trainer(config, encoder, restart, on_step, context).run()
     finally:
         if own_context:
             shutdown_distributed(context)
 
 
-def _train(config: TrainingConfig, encoder: Optional[SliceEncoder], restart: bool, on_step: StepCallback,
-           context: DistributedContext) -> TrainingResult:
-    t = config.train
-    device = context.device
-    out = Path(t.output_dir).expanduser()
-    if context.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+def training_datasets(config: TrainingConfig) -> Tuple[PairDataset, Optional[PairDataset]]:
+    """The training pairs and the validation pairs (None without a non-empty ``val`` split)."""
     train_set = PairDataset(config.data, "train")
     val_set = PairDataset(config.data, "val") if "val" in train_set.config.splits else None
     if len(train_set) == 0:
         raise SAMIRInputError(f"no training pairs: {describe(train_set)}")
     if val_set is not None and len(val_set) == 0:
         val_set = None
-    label_values = sorted(train_set.labels)
-    description = t.description or describe(train_set)
+    return train_set, val_set
 
-    provider = None
-    if not config.image_only:
-        provider = FeatureProvider(config.model, config.features, device, encoder)
+
+@dataclass
+class RunPosition:
+    """Where a run is: what a training state saves and a resumed run continues from."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_val: float = -math.inf
+    best_step: int = -1
+
+
+class LossWindow:
+    """Mean losses since the last ``train`` log record, and the training throughput."""
+
+    def __init__(self):
+        self.started, self.steps_timed = time.perf_counter(), 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = {k: 0.0 for k in ("loss",) + LOSS_PARTS}
+        self.steps = 0
+
+    def add(self, losses: Dict[str, float]) -> None:
+        for k, v in losses.items():
+            self.sums[k] += v
+        self.steps += 1
+
+    def record(self, position: RunPosition, lr: float, pairs_per_step: int, validation_seconds: float) -> dict:
+        """The ``train`` log record (then the window starts over)."""
+        elapsed = time.perf_counter() - self.started
+        training_seconds = max(elapsed - validation_seconds, 1e-9)  # training pairs/s, validation excluded
+        out = {"event": "train", "step": position.step, "epoch": position.epoch,
+               **{k: v / self.steps for k, v in self.sums.items()}, "lr": lr,
+               "pairs_per_s": self.steps_timed * pairs_per_step / training_seconds, "elapsed_s": elapsed}
+        self._reset()
+        return out
+
+
+class Trainer:
+    """One training run: data, features, network, optimiser, and the run's position in its schedule.
+
+    Built from a configuration (resuming from ``training_state.pt`` unless ``restart``), :meth:`run`
+    trains to the end and writes the checkpoints and the log."""
+
+    def __init__(self, config: TrainingConfig, encoder: Optional[SliceEncoder], restart: bool,
+                 on_step: StepCallback, context: DistributedContext):
+        self.config, self.on_step, self.context = config, on_step, context
+        self.device = context.device
+        self.out = Path(config.train.output_dir).expanduser()
+        if context.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.train_set, self.val_set = training_datasets(config)
+        self.label_values = sorted(self.train_set.labels)
+        self.provider, encoder = self._feature_provider(encoder)
+        self.model_config = model_config_for(config, encoder, config.train.description or describe(self.train_set))
+        state = self._previous_state(restart)
+        self.resuming = state is not None
+        torch.manual_seed(config.train.seed)
+        self.net = build_network(self.model_config).to(self.device)
+        self.reduction = self._channel_reduction(state, encoder)
+        self.loader = PairLoader(self.provider, self.reduction if self.provider is not None else None,
+                                 config.model.remove_frame_component, self.device, config.features.slicing_axis)
+        self.model, self.optimizer = self._optimisation()
+        self.position = RunPosition()
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.position = RunPosition(state["step"], state["epoch"], state["batch_in_epoch"], state["best_val_dice"],
+                                        state["best_step"])
+            restore_rng_states(state["rng"])
+        self.resumed_from = self.position.step
+        self.journal = self._start_journal()
+        self._schedule()
+        self.validation_seconds = 0.0
+
+    # ----------------------------------------------------------------------- set-up steps
+
+    def _feature_provider(self, encoder: Optional[SliceEncoder]):
+        """The encoder features of every volume, precomputed into the cache (none for an image-only network)."""
+        if self.config.image_only:
+            return None, encoder
+        provider = FeatureProvider(self.config.model, self.config.features, self.device, encoder)
         encoder = provider.encoder
-        precompute_features([d for d in (train_set, val_set) if d is not None], provider, context, t.progress)
-        if device.type == "cuda":  # training reads cached features: free the GPU memory the encoder holds
+        precompute_features([d for d in (self.train_set, self.val_set) if d is not None], provider, self.context,
+                            self.config.train.progress)
+        if self.device.type == "cuda":  # training reads cached features: free the GPU memory the encoder holds
             encoder.cpu()
             torch.cuda.empty_cache()
-    model_config = model_config_for(config, encoder, description)
+        return provider, encoder
 
-    state_path = out / STATE_FILE
-    state = None
-    if state_path.is_file() and not restart:
+    def _previous_state(self, restart: bool) -> Optional[dict]:
+        state_path = self.out / STATE_FILE
+        if not state_path.is_file() or restart:
+            return None
         state = load_training_state(state_path)
-        if state["model_config"] != model_config.to_dict():
-            raise SAMIRInputError(f"'{out}' holds a run of another model configuration; use another"
+        if state["model_config"] != self.model_config.to_dict():
+            raise SAMIRInputError(f"'{self.out}' holds a run of another model configuration; use another"
                                   " train.output_dir, or --restart to start over there")
-    torch.manual_seed(t.seed)
-    net = build_network(model_config).to(device)
-    if state is not None:
-        reduction = ChannelReduction(state["reduction"]["mean"], state["reduction"]["basis"])
-        net.load_state_dict(state["model"])
-    elif provider is not None:  # rank 0 fits the PCA, the others receive it
+        return state
+
+    def _channel_reduction(self, state: Optional[dict], encoder: Optional[SliceEncoder]) -> ChannelReduction:
+        """The saved reduction (and weights) of a resumed run, else a PCA fitted by rank 0 and broadcast."""
+        if state is not None:
+            self.net.load_state_dict(state["model"])
+            return ChannelReduction(state["reduction"]["mean"], state["reduction"]["basis"])
+        if self.provider is None:
+            return ChannelReduction(torch.zeros(0), torch.zeros(0, 0))
+        config, context = self.config, self.context
         if context.is_main:
-            reduction = fit_training_reduction(train_set, provider, config.model.feature_channels,
-                                               config.features.pca_pairs, config.features.pca_samples, t.seed,
-                                               config.model.remove_frame_component)
+            reduction = fit_training_reduction(self.train_set, self.provider, config.model.feature_channels,
+                                               config.features.pca_pairs, config.features.pca_samples,
+                                               config.train.seed, config.model.remove_frame_component)
         else:
             reduction = ChannelReduction(torch.zeros(encoder.out_channels),
                                          torch.zeros(encoder.out_channels, config.model.feature_channels))
-        reduction = ChannelReduction(context.broadcast(reduction.mean.to(device)).cpu(),
-                                     context.broadcast(reduction.basis.to(device)).cpu())
-    else:
-        reduction = ChannelReduction(torch.zeros(0), torch.zeros(0, 0))
-    loader = PairLoader(provider, reduction if provider is not None else None, config.model.remove_frame_component,
-                        device, config.features.slicing_axis)
+        return ChannelReduction(context.broadcast(reduction.mean.to(self.device)).cpu(),
+                                context.broadcast(reduction.basis.to(self.device)).cpu())
 
-    objective = RegistrationObjective(net, config.loss).to(device)
-    model = objective
-    if context.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.optim.learning_rate)
+    def _optimisation(self):
+        """The loss module (wrapped for DistributedDataParallel under torchrun) and Adam on the network."""
+        objective = RegistrationObjective(self.net, self.config.loss).to(self.device)
+        model = objective
+        if self.context.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            model = DistributedDataParallel(objective,
+                                            device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model, torch.optim.Adam(self.net.parameters(), lr=self.config.optim.learning_rate)
 
-    step = epoch = batch_in_epoch = 0
-    best_val, best_step = -math.inf, -1
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        best_val, best_step = state["best_val_dice"], state["best_step"]
-        restore_rng_states(state["rng"])
-    resumed_from = step
-    if context.is_main:
-        _write_config_copy(config, out)
-    journal = JsonLog(out / LOG_FILE, context.is_main, step if state is not None else None)
-    journal.write({"event": "resume" if state is not None else "start", "step": step, "epoch": epoch,
-                   "world_size": context.world_size, "device": str(device), "train_pairs": len(train_set),
-                   "val_pairs": len(val_set) if val_set is not None else 0,
-                   "trainable_parameters": count_parameters(net), "model": model_config.to_dict()})
+    def _start_journal(self) -> JsonLog:
+        if self.context.is_main:
+            _write_config_copy(self.config, self.out)
+        position = self.position
+        journal = JsonLog(self.out / LOG_FILE, self.context.is_main, position.step if self.resuming else None)
+        val_pairs = len(self.val_set) if self.val_set is not None else 0
+        journal.write({"event": "resume" if self.resuming else "start", "step": position.step,
+                       "epoch": position.epoch, "world_size": self.context.world_size, "device": str(self.device),
+                       "train_pairs": len(self.train_set), "val_pairs": val_pairs,
+                       "trainable_parameters": count_parameters(self.net), "model": self.model_config.to_dict()})
+        return journal
 
-    from torch.utils.data.distributed import DistributedSampler
-    sampler = DistributedSampler(range(len(train_set)), num_replicas=context.world_size, rank=context.rank,
-                                 shuffle=True, seed=t.seed, drop_last=False)
-    batch_size = config.optim.batch_size
-    steps_per_epoch = math.ceil(len(sampler) / batch_size)
-    total_steps = config.optim.epochs * steps_per_epoch
-    if config.optim.max_steps:
-        total_steps = min(total_steps, config.optim.max_steps)
-    val_indices = list(range(len(val_set))) if val_set is not None else []
-    if t.max_val_pairs and len(val_indices) > t.max_val_pairs:
-        val_indices = [int(round(i)) for i in np.linspace(0, len(val_indices) - 1, t.max_val_pairs)]
+    def _schedule(self) -> None:
+        """Each rank's share of every epoch, the number of steps, the validation pairs."""
+        from torch.utils.data.distributed import DistributedSampler
+        t, optim = self.config.train, self.config.optim
+        self.sampler = DistributedSampler(range(len(self.train_set)), num_replicas=self.context.world_size,
+                                          rank=self.context.rank, shuffle=True, seed=t.seed, drop_last=False)
+        steps_per_epoch = math.ceil(len(self.sampler) / optim.batch_size)
+        self.total_steps = optim.epochs * steps_per_epoch
+        if optim.max_steps:
+            self.total_steps = min(self.total_steps, optim.max_steps)
+        val_indices = list(range(len(self.val_set))) if self.val_set is not None else []
+        if t.max_val_pairs and len(val_indices) > t.max_val_pairs:
+            val_indices = [int(round(i)) for i in np.linspace(0, len(val_indices) - 1, t.max_val_pairs)]
+        self.val_indices = val_indices
 
-    def extra(val_dice: float) -> dict:
-        grid = train_set[0].fixed
-        return {"step": step, "epoch": epoch, "val_dice": float(val_dice) if math.isfinite(val_dice) else -1.0,
-                "layout": train_set.config.layout, "grid_shape_zyx": [int(n) for n in grid.shape],
-                "grid_spacing_zyx": [float(s) for s in grid.spacing_zyx], "slicing_axis": int(loader.axis_for(grid)),
-                "loss_weights": {k: float(getattr(config.loss, k)) for k in LOSS_PARTS},
-                "world_size": context.world_size}
+    # ----------------------------------------------------------------------- checkpoints and validation
 
-    def save_state() -> None:
-        if not context.is_main:
+    def checkpoint_extra(self, val_dice: float) -> dict:
+        """What a SAMIR checkpoint of this run records besides the weights."""
+        grid = self.train_set[0].fixed
+        return {"step": self.position.step, "epoch": self.position.epoch,
+                "val_dice": float(val_dice) if math.isfinite(val_dice) else -1.0,
+                "layout": self.train_set.config.layout, "grid_shape_zyx": [int(n) for n in grid.shape],
+                "grid_spacing_zyx": [float(s) for s in grid.spacing_zyx],
+                "slicing_axis": int(self.loader.axis_for(grid)),
+                "loss_weights": {k: float(getattr(self.config.loss, k)) for k in LOSS_PARTS},
+                "world_size": self.context.world_size}
+
+    def save_state(self) -> None:
+        """``training_state.pt`` and ``model_last.pt`` (rank 0)."""
+        if not self.context.is_main:
             return
-        payload = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": step, "epoch": epoch,
-                   "batch_in_epoch": batch_in_epoch, "best_val_dice": float(best_val), "best_step": int(best_step),
-                   "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                   "optimizer": optimizer.state_dict(), "model_config": model_config.to_dict(),
-                   "reduction": {"mean": reduction.mean.cpu(), "basis": reduction.basis.cpu()}, "rng": rng_states()}
-        _atomic_save(payload, state_path)
-        save_model(out / LAST_MODEL, net, model_config, reduction, extra(float("nan")))
+        p = self.position
+        payload = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": p.step, "epoch": p.epoch,
+                   "batch_in_epoch": p.batch_in_epoch, "best_val_dice": float(p.best_val),
+                   "best_step": int(p.best_step),
+                   "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+                   "optimizer": self.optimizer.state_dict(), "model_config": self.model_config.to_dict(),
+                   "reduction": {"mean": self.reduction.mean.cpu(), "basis": self.reduction.basis.cpu()},
+                   "rng": rng_states()}
+        _atomic_save(payload, self.out / STATE_FILE)
+        save_model(self.out / LAST_MODEL, self.net, self.model_config, self.reduction,
+                   self.checkpoint_extra(float("nan")))
 
-    validation_seconds = [0.0]
-
-    def validate() -> Optional[float]:
-        nonlocal best_val, best_step
-        if not val_indices:
+    def validate(self) -> Optional[float]:
+        """Validation Dice, logged; a new best is saved as ``model_best.pt``."""
+        if not self.val_indices:
             return None
+        p = self.position
         t0 = time.perf_counter()
-        dice, per_label = validation_dice(net, val_set, loader, val_indices, context)
-        validation_seconds[0] += time.perf_counter() - t0
-        is_best = math.isfinite(dice) and dice > best_val
+        dice, per_label = validation_dice(self.net, self.val_set, self.loader, self.val_indices, self.context)
+        self.validation_seconds += time.perf_counter() - t0
+        is_best = math.isfinite(dice) and dice > p.best_val
         if is_best:
-            best_val, best_step = dice, step
-            if context.is_main:
-                save_model(out / BEST_MODEL, net, model_config, reduction, extra(dice))
-        journal.write({"event": "val", "step": step, "epoch": epoch, "val_dice": dice,
-                       "val_dice_per_label": {str(k): v for k, v in per_label.items()},
-                       "best_val_dice": best_val if math.isfinite(best_val) else None, "is_best": is_best})
+            p.best_val, p.best_step = dice, p.step
+            if self.context.is_main:
+                save_model(self.out / BEST_MODEL, self.net, self.model_config, self.reduction,
+                           self.checkpoint_extra(dice))
+        self.journal.write({"event": "val", "step": p.step, "epoch": p.epoch, "val_dice": dice,
+                            "val_dice_per_label": {str(k): v for k, v in per_label.items()},
+                            "best_val_dice": p.best_val if math.isfinite(p.best_val) else None, "is_best": is_best})
         return dice
 
-    bar = None
-    if t.progress and context.is_main:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step")
-    if state is None and t.validate_at_start:
-        validate()
-    net.train()
-    started, steps_timed = time.perf_counter(), 0
-    window = {k: 0.0 for k in ("loss",) + LOSS_PARTS}
-    window_steps = 0
-    done = step >= total_steps
-    while not done and epoch < config.optim.epochs:
-        sampler.set_epoch(epoch)
-        order = list(sampler)
+    # ----------------------------------------------------------------------- the loop
+
+    def train_step(self, indices: Sequence[int]) -> Dict[str, float]:
+        """One optimiser step on the pairs ``indices`` (augmented); returns the losses."""
+        generator = step_generator(self.config.train.seed, self.position.step, self.context.rank)
+        pairs = [augment(self.loader(self.train_set[i]), self.config.augment, generator) for i in indices]
+        inputs = collate(pairs, self.label_values)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, parts = self.model(*inputs)
+        total.backward()
+        self.optimizer.step()
+        self.position.step += 1
+        return {"loss": float(total.detach()), **{k: float(v) for k, v in zip(LOSS_PARTS, parts)}}
+
+    def run_epoch(self, window: LossWindow, bar) -> bool:
+        """The rest of the current epoch (validated at its end when due); True when the run is done."""
+        t, p = self.config.train, self.position
+        batch_size = self.config.optim.batch_size
+        self.sampler.set_epoch(p.epoch)
+        order = list(self.sampler)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        for b in range(batch_in_epoch, len(batches)):
-            generator = step_generator(t.seed, step, context.rank)
-            pairs = [augment(loader(train_set[i]), config.augment, generator) for i in batches[b]]
-            inputs = collate(pairs, label_values)
-            optimizer.zero_grad(set_to_none=True)
-            total, parts = model(*inputs)
-            total.backward()
-            optimizer.step()
-            step += 1
-            steps_timed += 1
-            batch_in_epoch = b + 1
-            losses = {"loss": float(total.detach()), **{k: float(v) for k, v in zip(LOSS_PARTS, parts)}}
-            for k, v in losses.items():
-                window[k] += v
-            window_steps += 1
-            if on_step is not None:
-                on_step(step, losses)
+        done = False
+        for b in range(p.batch_in_epoch, len(batches)):
+            losses = self.train_step(batches[b])
+            window.steps_timed += 1
+            p.batch_in_epoch = b + 1
+            window.add(losses)
+            if self.on_step is not None:
+                self.on_step(p.step, losses)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses['loss']:.4f}", epoch=epoch)
-            if step % t.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - started
-                training_seconds = max(elapsed - validation_seconds[0], 1e-9)  # training pairs/s, validation excluded
-                journal.write({"event": "train", "step": step, "epoch": epoch,
-                               **{k: v / window_steps for k, v in window.items()},
-                               "lr": optimizer.param_groups[0]["lr"],
-                               "pairs_per_s": steps_timed * batch_size * context.world_size / training_seconds,
-                               "elapsed_s": elapsed})
-                window = {k: 0.0 for k in window}
-                window_steps = 0
-            if step % t.checkpoint_every == 0:
-                save_state()
-            if step >= total_steps:
+                bar.set_postfix(loss=f"{losses['loss']:.4f}", epoch=p.epoch)
+            if p.step % t.log_every == 0 or p.step == self.total_steps:
+                self.journal.write(window.record(p, self.optimizer.param_groups[0]["lr"],
+                                                 batch_size * self.context.world_size, self.validation_seconds))
+            if p.step % t.checkpoint_every == 0:
+                self.save_state()
+            if p.step >= self.total_steps:
                 done = True
                 break
-        if batch_in_epoch == len(batches):  # the epoch is complete
-            if (epoch + 1) % t.validate_every == 0 or done:
-                validate()
-            epoch += 1
-            batch_in_epoch = 0
-        save_state()
-    if bar is not None:
-        bar.close()
-    if context.is_main:
-        if not (out / LAST_MODEL).is_file():
-            save_state()
-        if not (out / BEST_MODEL).is_file() or not val_indices:
-            shutil.copyfile(out / LAST_MODEL, out / BEST_MODEL)
-        journal.write({"event": "end", "step": step, "epoch": epoch,
-                       "best_val_dice": best_val if math.isfinite(best_val) else None, "best_step": best_step,
-                       "features_encoded": provider.encoded if provider else 0,
-                       "features_reused": provider.reused if provider else 0})
-    context.barrier()
-    return TrainingResult(out, step, epoch, best_val, out / BEST_MODEL, out / LAST_MODEL, journal.records,
-                          model_config, resumed_from, net.eval())
+        if p.batch_in_epoch == len(batches):  # the epoch is complete
+            if (p.epoch + 1) % t.validate_every == 0 or done:
+                self.validate()
+            p.epoch += 1
+            p.batch_in_epoch = 0
+        self.save_state()
+        return done
+
+    def run(self) -> TrainingResult:
+        bar = None
+        if self.config.train.progress and self.context.is_main:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.position.step, desc="train", unit="step")
+        if not self.resuming and self.config.train.validate_at_start:
+            self.validate()
+        self.net.train()
+        window = LossWindow()
+        done = self.position.step >= self.total_steps
+        while not done and self.position.epoch < self.config.optim.epochs:
+            done = self.run_epoch(window, bar)
+        if bar is not None:
+            bar.close()
+        self.finish()
+        p = self.position
+        return TrainingResult(self.out, p.step, p.epoch, p.best_val, self.out / BEST_MODEL,
+                              self.out / LAST_MODEL, self.journal.records, self.model_config, self.resumed_from,
+                              self.net.eval())
+
+    def finish(self) -> None:
+        """Both checkpoints present (the last one is the best without validation pairs); the ``end`` record."""
+        out, p, provider = self.out, self.position, self.provider
+        if self.context.is_main:
+            if not (out / LAST_MODEL).is_file():
+                self.save_state()
+            if not (out / BEST_MODEL).is_file() or not self.val_indices:
+                shutil.copyfile(out / LAST_MODEL, out / BEST_MODEL)
+            self.journal.write({"event": "end", "step": p.step, "epoch": p.epoch,
+                                "best_val_dice": p.best_val if math.isfinite(p.best_val) else None,
+                                "best_step": p.best_step, "features_encoded": provider.encoded if provider else 0,
+                                "features_reused": provider.reused if provider else 0})
+        self.context.barrier()

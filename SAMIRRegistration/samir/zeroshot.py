@@ -1,6 +1,6 @@
 """Zero-shot SAMIR: instance optimisation of the PDFP pyramid on frozen encoder features.
 
-The same coarse-to-fine structure as :class:`samir.pyramid.PDFP`, but each level's velocity is a
+The same coarse-to-fine structure as :class:`samir.samirnet.PDFP`, but each level's velocity is a
 free parameter optimised with Adam on this pair instead of predicted by a trained network:
 
     u_l = compose(upsample(u_{l+1}), integrate(smooth(v_l)))
@@ -31,8 +31,8 @@ levels NCC otherwise aligns the noise. The same noise raises that level's diffus
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,8 +43,7 @@ from .intensity import (MIN_MAP_NONLINEARITY, apply_monotone_map, joint_statisti
                         symmetric_monotone_map)
 from .losses import (LocalNCC, diffusion_loss, feature_loss, intensity_difference_loss, mind_loss, mind_ssc,
                      ncc_window)
-from .pyramid import pyramid_shapes
-from .spatial import compose, gaussian_smooth, integrate, resize_field, resize_volume, warp
+from .spatial import compose, gaussian_smooth, integrate, pyramid_shapes, resize_field, resize_volume, warp
 from .stepper import Adam, RepeatedStep
 
 
@@ -64,19 +63,18 @@ class OptimizerSettings:
     feature_similarity: str = "mse"  # mean squared difference, or "ncc" (local NCC per channel, slower)
     similarity: str = "ncc"  # image similarity: "ncc" (local NCC, same contrast) or "mind" (MIND-SSC, any contrast)
     ncc_weight: float = 1.0  # weight of the image similarity (NCC or MIND)
-    mind_scale: float = 1.0  # multiplies the MIND term (measured: 1 and 2 align equally, 1 is smoother)
+    mind_scale: float = 1.0  # multiplies the MIND term (larger aligns no better and is rougher: bench/README)
     ncc_window: int = 9
     velocity_sigma: float = 1.0
     integration_steps: int = 7
     tolerance: float = 1e-4  # early stop when the loss improves less than this over `patience` steps
     patience: int = 15
-    # diffusion of each level's own increment (True) or of the whole field so far (False). The increment
-    # helped the real brain pair (Dice 0.779 vs 0.774) but hurt a noisy, contrast-changed known warp
-    # (endpoint error 0.70 vs 0.56 of the initial, Dice 0.910 vs 0.926): roughness builds up across levels
+    # diffusion of each level's own increment (True) or of the whole field so far (False): with the increment
+    # alone, roughness builds up across levels, which a noisy, contrast-changed pair shows (bench/README)
     regularise_increment: bool = False
     full_resolution_iterations: int = 0  # a last stage on the finest optimised velocity grid, images at full resolution
     # ... whose velocity is on the full grid instead, integrated in fewer squaring steps (None: integration_steps):
-    # the field's last increment is small, and each step at full resolution costs about a third of an iteration
+    # the field's last increment is small, and each squaring step at full resolution is costly
     full_resolution_velocity: bool = False
     full_resolution_integration_steps: Optional[int] = None
     full_resolution_smoothness: Optional[float] = None  # the last stage's diffusion weight (None: smoothness)
@@ -90,14 +88,13 @@ class OptimizerSettings:
     noise_smoothing_range: Sequence[float] = (0.012, 0.03)
     noise_smoothing_max_mm: float = 2.0
     # NCC: the diffusion weight of a level is multiplied by up to this factor as its noise rises through the same
-    # range (1: off): a noisy level's similarity says less about the field, the prior more. Measured (suite 3,
-    # balanced; at noise 0.1 the two finest levels get 1.2): noise 0.1 Dice 0.940 -> 0.943, noise 0.05 0.942 ->
-    # 0.944, 4 mm demo pair with noise 0.1 0.892 -> 0.907; clean scans read no noise and keep the weight
+    # range (1: off): a noisy level's similarity says less about the field, the prior more; clean scans read no
+    # noise and keep the weight (bench/README, "Noise-adaptive diffusion weight")
     noise_smoothness_factor: float = 4.0
     # NCC with the intensity map: weight of the squared difference of the fixed and the mapped moving image
     # (over the fixed image's variance), after a gain fitted with a Gaussian of ``ssd_gain_sigma_mm`` (bias
-    # fields; 0: no gain). Measured (balanced, bench/README): real brain pair Dice 0.774 -> 0.782, MNI152 noise 0.1
-    # 0.937 -> 0.940, clean / gamma / Colin27 unchanged; a +-30 % bias field costs 0.002 (0.012 without gain)
+    # fields; 0: no gain). NCC weighs every window's contrast alike; the squared difference weighs faint
+    # boundaries as they are (bench/README, "Squared intensity difference beside local NCC")
     ssd_weight: float = 0.5
     ssd_gain_sigma_mm: float = 10.0
 
@@ -256,6 +253,163 @@ def optimised_level_shapes(shape: Sequence[int], settings: OptimizerSettings, sl
     return [shapes[level - 1] for level in optimised_levels(shapes, settings)]
 
 
+def _stages(full_shape: tuple, spacing_zyx: Sequence[float], settings: OptimizerSettings,
+            slicing_axis: Optional[int]) -> List[_Stage]:
+    """The optimised pyramid levels, coarsest first, and the full-resolution stage if one is asked for."""
+    shapes = pyramid_shapes(full_shape, settings.levels, slicing_axis, spacing_zyx)
+    levels = optimised_levels(shapes, settings)
+    iterations = list(settings.iterations)[:len(levels)]
+    iterations += [iterations[-1]] * (len(levels) - len(iterations))
+    stages = [_Stage(level, shapes[level - 1], shapes[level - 1], n, settings.integration_steps, settings.smoothness)
+              for level, n in zip(levels, iterations)]
+    if settings.full_resolution_iterations and levels and shapes[levels[-1] - 1] != full_shape:
+        stages.append(_full_resolution_stage(settings, shapes[levels[-1] - 1], full_shape))
+    return stages
+
+
+@dataclass
+class LevelImages:
+    """One stage's images, masks and features on its grid, as its objective compares them."""
+    fixed: torch.Tensor  # (1, 1, *shape)
+    moving: torch.Tensor  # through the joint intensity map when ``intensity_mapped``
+    fixed_mask: Optional[torch.Tensor]
+    moving_mask: Optional[torch.Tensor]
+    spacing: List[float]  # mm per voxel of this grid
+    smoothing_mm: float  # Gaussian both images were smoothed with against noise
+    smoothness: float  # the diffusion weight (raised at noisy levels)
+    intensity_mapped: bool = False
+    ssd_moving: Optional[torch.Tensor] = None  # the moving image of the squared-difference term (mapped, gain applied)
+    ssd_scale: float = 1.0  # the fixed image's variance, which divides that term
+    fixed_features: Optional[torch.Tensor] = None  # (1, C, *shape) when features guide this level
+    moving_features: Optional[torch.Tensor] = None
+    content: Optional[torch.Tensor] = None  # where features are compared
+
+
+def level_images(fixed: torch.Tensor, moving: torch.Tensor, fixed_mask: Optional[torch.Tensor],
+                 moving_mask: Optional[torch.Tensor], stage: _Stage, spacing_zyx: Sequence[float], noise: float,
+                 settings: OptimizerSettings) -> LevelImages:
+    """Both images and masks on the stage's grid, smoothed alike where the level is noisy."""
+    full_shape, shape = tuple(fixed.shape[2:]), stage.image_shape
+    spacing_l = [s * full / n for s, full, n in zip(spacing_zyx, full_shape, shape)]
+    f_l, m_l = resize_volume(fixed, shape), resize_volume(moving, shape)
+    strength = noise_strength(noise / math.sqrt(math.prod(full_shape) / math.prod(shape)), settings)
+    smooth_noise = settings.noise_smoothing and settings.similarity == "ncc"
+    smoothing_mm = min(settings.noise_smoothing_max_mm, min(spacing_l) * strength) if smooth_noise else 0.0
+    level_smoothness = stage.smoothness * (1 + (settings.noise_smoothness_factor - 1) * strength)
+    if smoothing_mm > 0:  # the same physical width on every axis, so thick slices are hardly smoothed across
+        f_l, m_l = (gaussian_smooth(x, [smoothing_mm / s for s in spacing_l]) for x in (f_l, m_l))
+    fm_l = None if fixed_mask is None else (resize_volume(fixed_mask, shape) > 0.5).float()
+    mm_l = None if moving_mask is None else resize_volume(moving_mask, shape)
+    return LevelImages(f_l, m_l, fm_l, mm_l, spacing_l, smoothing_mm, level_smoothness)
+
+
+def map_intensities(images: LevelImages, u_prev: torch.Tensor, statistics, settings: OptimizerSettings):
+    """The moving image through the monotone map fitted on the pair as aligned so far (``statistics``:
+    the joint statistics of the earlier stages, to which this stage's are added), and the squared-difference
+    term's moving image. Returns the updated images and statistics."""
+    statistics = statistics + aligned_intensity_statistics(images.fixed, images.moving, u_prev, images.fixed_mask,
+                                                           images.moving_mask)
+    knots, values = symmetric_monotone_map(*statistics)
+    mapped_moving = apply_monotone_map(images.moving, knots, values)
+    if map_nonlinearity(knots, values) > MIN_MAP_NONLINEARITY:
+        images = replace(images, moving=mapped_moving, intensity_mapped=True)
+    if settings.ssd_weight > 0:
+        # the gain is smooth, so it is applied on the moving image's own grid (where its bias field is)
+        ssd_moving = mapped_moving
+        if settings.ssd_gain_sigma_mm > 0:
+            ssd_moving = mapped_moving * smooth_intensity_gain(images.fixed, warp(mapped_moving, u_prev),
+                                                               images.spacing, settings.ssd_gain_sigma_mm)
+        images = replace(images, ssd_moving=ssd_moving, ssd_scale=float(images.fixed.var()) + 1e-8)
+    return images, statistics
+
+
+def add_level_features(images: LevelImages, fixed_features: SliceFeatures, moving_features: SliceFeatures,
+                       device: torch.device) -> LevelImages:
+    shape = tuple(images.fixed.shape[2:])
+    # features are compared where the fixed image has content: encodings of a blank background
+    # and of a noisy one differ without saying anything about anatomy
+    return replace(images, fixed_features=sample_features(fixed_features, shape, device),
+                   moving_features=sample_features(moving_features, shape, device),
+                   content=content_region(images.fixed).float())
+
+
+class LevelObjective:
+    """The loss of one stage as a function of its velocity ``v``: with ``u = compose(u_prev, increment(v))``,
+    the similarity of the fixed image and the moving image warped by ``u`` (+ the squared difference, +
+    the feature term) + the diffusion of ``u`` (or of the increment: ``regularise_increment``)."""
+
+    def __init__(self, images: LevelImages, u_prev: torch.Tensor, stage: _Stage, settings: OptimizerSettings):
+        self.images, self.u_prev, self.settings = images, u_prev, settings
+        self.shape, self.integration_steps = stage.image_shape, stage.integration_steps
+        window = ncc_window(images.spacing, settings.ncc_window if stage.level <= 1 else min(settings.ncc_window, 7))
+        self.fixed_mind = self.moving_mind = self.image_ncc = self.feature_ncc = None
+        if settings.similarity == "mind":
+            with torch.no_grad():
+                self.fixed_mind, self.moving_mind = mind_ssc(images.fixed), mind_ssc(images.moving)
+        else:
+            self.image_ncc = LocalNCC(images.fixed, window)
+        if images.fixed_features is not None and settings.feature_similarity == "ncc":
+            self.feature_ncc = LocalNCC(images.fixed_features.transpose(0, 1), window)
+
+    def increment(self, velocity: torch.Tensor) -> torch.Tensor:
+        return resize_field(integrate(gaussian_smooth(velocity, self.settings.velocity_sigma), self.integration_steps),
+                            self.shape)
+
+    def _mask(self, u: torch.Tensor) -> Optional[torch.Tensor]:
+        mask = self.images.fixed_mask
+        if self.images.moving_mask is not None:
+            warped_mask = warp(self.images.moving_mask, u, padding_mode="zeros").detach()
+            mask = warped_mask if mask is None else mask * warped_mask
+        return mask
+
+    def _image_term(self, u: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        s, images = self.settings, self.images
+        if s.similarity == "mind":
+            return s.ncc_weight * s.mind_scale * mind_loss(self.fixed_mind, warp(self.moving_mind, u), mask)
+        if images.ssd_moving is None:
+            return s.ncc_weight * self.image_ncc(warp(images.moving, u), mask)
+        # one resampling of both images
+        warped, warped_ssd = warp(torch.cat([images.moving, images.ssd_moving], 1), u).chunk(2, dim=1)
+        return (s.ncc_weight * self.image_ncc(warped, mask)
+                + s.ssd_weight * intensity_difference_loss(images.fixed, warped_ssd, images.ssd_scale, mask))
+
+    def _feature_term(self, u: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        images = self.images
+        feature_mask = images.content if mask is None else mask * images.content
+        if self.feature_ncc is not None:
+            return self.feature_ncc(warp(images.moving_features, u).transpose(0, 1), feature_mask)
+        return feature_loss(images.fixed_features, warp(images.moving_features, u), feature_mask)
+
+    def __call__(self, velocity: torch.Tensor) -> torch.Tensor:
+        increment = self.increment(velocity)
+        u = compose(self.u_prev, increment)
+        mask = self._mask(u)
+        loss = self._image_term(u, mask)
+        if self.images.fixed_features is not None:
+            loss = loss + self.settings.feature_weight * self._feature_term(u, mask)
+        regularised = increment if self.settings.regularise_increment else u
+        return loss + self.images.smoothness * diffusion_loss(regularised, self.images.spacing)
+
+
+def optimise_level(objective: LevelObjective, velocity: torch.Tensor, iterations: int, settings: OptimizerSettings,
+                   on_iteration: Optional[Callable[[int], None]] = None) -> Tuple[int, float]:
+    """Adam on ``velocity`` until ``iterations`` or an early stop (no gain of ``tolerance`` in ``patience``
+    steps); returns the iterations run and the last loss."""
+    step = RepeatedStep(lambda: objective(velocity), Adam([velocity], lr=settings.learning_rate), velocity.device)
+    best, stall, loss_value, it = float("inf"), 0, float("nan"), 0
+    for it in range(1, iterations + 1):
+        loss_value = float(step.step())
+        if loss_value < best - settings.tolerance:
+            best, stall = loss_value, 0
+        else:
+            stall += 1
+        if on_iteration:
+            on_iteration(it)
+        if stall >= settings.patience:
+            break
+    return it, loss_value
+
+
 def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Sequence[float],
                      settings: OptimizerSettings,
                      fixed_features: Optional[SliceFeatures] = None, moving_features: Optional[SliceFeatures] = None,
@@ -273,109 +427,32 @@ def optimize_pyramid(fixed: torch.Tensor, moving: torch.Tensor, spacing_zyx: Seq
     """
     device = fixed.device
     full_shape = tuple(fixed.shape[2:])
-    shapes = pyramid_shapes(full_shape, settings.levels, slicing_axis, spacing_zyx)
-    levels = optimised_levels(shapes, settings)
-    iterations = list(settings.iterations)[:len(levels)]
-    iterations += [iterations[-1]] * (len(levels) - len(iterations))
-    stages = [_Stage(level, shapes[level - 1], shapes[level - 1], n, settings.integration_steps, settings.smoothness)
-              for level, n in zip(levels, iterations)]
-    if settings.full_resolution_iterations and levels and shapes[levels[-1] - 1] != full_shape:
-        stages.append(_full_resolution_stage(settings, shapes[levels[-1] - 1], full_shape))
+    stages = _stages(full_shape, spacing_zyx, settings, slicing_axis)
     total_iterations, done = max(1, sum(stage.iterations for stage in stages)), 0
     use_features = fixed_features is not None and moving_features is not None and settings.feature_weight > 0
     u = None if initial_field is None else initial_field.detach().to(device)
     reports: List[LevelReport] = []
     intensity_statistics = 0.0
-    smooth_noise = settings.noise_smoothing and settings.similarity == "ncc"
     noise_aware = settings.similarity == "ncc" and (settings.noise_smoothing or settings.noise_smoothness_factor != 1)
     noise = max(estimate_noise_std(fixed), estimate_noise_std(moving)) if noise_aware else 0.0
 
-    for level, velocity_shape, shape, n_iter, steps, smoothness in stages:
-        spacing_l = [s * full / n for s, full, n in zip(spacing_zyx, full_shape, shape)]
-        f_l, m_l = resize_volume(fixed, shape), resize_volume(moving, shape)
-        strength = noise_strength(noise / math.sqrt(math.prod(full_shape) / math.prod(shape)), settings)
-        smoothing_mm = min(settings.noise_smoothing_max_mm, min(spacing_l) * strength) if smooth_noise else 0.0
-        level_smoothness = smoothness * (1 + (settings.noise_smoothness_factor - 1) * strength)
-        if smoothing_mm > 0:  # the same physical width on every axis, so thick slices are hardly smoothed across
-            f_l, m_l = (gaussian_smooth(x, [smoothing_mm / s for s in spacing_l]) for x in (f_l, m_l))
-        fm_l = None if fixed_mask is None else (resize_volume(fixed_mask, shape) > 0.5).float()
-        mm_l = None if moving_mask is None else resize_volume(moving_mask, shape)
+    for stage in stages:
+        images = level_images(fixed, moving, fixed_mask, moving_mask, stage, spacing_zyx, noise, settings)
+        shape = stage.image_shape
         u_prev = torch.zeros((1, 3, *shape), device=device) if u is None else resize_field(u, shape).detach()
-        intensity_mapped, ssd_moving = False, None
         if settings.joint_intensity_map and settings.similarity == "ncc" and u is not None:
-            intensity_statistics = intensity_statistics + aligned_intensity_statistics(f_l, m_l, u_prev, fm_l, mm_l)
-            knots, values = symmetric_monotone_map(*intensity_statistics)
-            mapped_moving = apply_monotone_map(m_l, knots, values)
-            if map_nonlinearity(knots, values) > MIN_MAP_NONLINEARITY:
-                m_l, intensity_mapped = mapped_moving, True
-            if settings.ssd_weight > 0:
-                # the gain is smooth, so it is applied on the moving image's own grid (where its bias field is)
-                ssd_moving = mapped_moving
-                if settings.ssd_gain_sigma_mm > 0:
-                    ssd_moving = mapped_moving * smooth_intensity_gain(f_l, warp(mapped_moving, u_prev), spacing_l,
-                                                                       settings.ssd_gain_sigma_mm)
-                ssd_scale = float(f_l.var()) + 1e-8
-        features_here = use_features and min(spacing_l) >= feature_spacing_mm
-        if features_here:
-            ff_l = sample_features(fixed_features, shape, device)
-            mf_l = sample_features(moving_features, shape, device)
-            # features are compared where the fixed image has content: encodings of a blank background
-            # and of a noisy one differ without saying anything about anatomy
-            content_l = content_region(f_l).float()
-        window = ncc_window(spacing_l, settings.ncc_window if level <= 1 else min(settings.ncc_window, 7))
-        if settings.similarity == "mind":
-            with torch.no_grad():
-                fixed_mind, moving_mind = mind_ssc(f_l), mind_ssc(m_l)
-        else:
-            image_ncc = LocalNCC(f_l, window)
-        if features_here and settings.feature_similarity == "ncc":
-            feature_ncc = LocalNCC(ff_l.transpose(0, 1), window)
-        velocity = torch.zeros((1, 3, *velocity_shape), device=device, requires_grad=True)
-
-        def level_increment(v: torch.Tensor) -> torch.Tensor:
-            return resize_field(integrate(gaussian_smooth(v, settings.velocity_sigma), steps), shape)
-
-        def level_loss() -> torch.Tensor:
-            increment = level_increment(velocity)
-            u_l = compose(u_prev, increment)
-            mask = fm_l
-            if mm_l is not None:
-                warped_mask = warp(mm_l, u_l, padding_mode="zeros").detach()
-                mask = warped_mask if mask is None else mask * warped_mask
-            if settings.similarity == "mind":
-                loss = settings.ncc_weight * settings.mind_scale * mind_loss(fixed_mind, warp(moving_mind, u_l), mask)
-            else:
-                if ssd_moving is None:
-                    loss = settings.ncc_weight * image_ncc(warp(m_l, u_l), mask)
-                else:  # one resampling of both images
-                    warped, warped_ssd = warp(torch.cat([m_l, ssd_moving], 1), u_l).chunk(2, dim=1)
-                    loss = (settings.ncc_weight * image_ncc(warped, mask)
-                            + settings.ssd_weight * intensity_difference_loss(f_l, warped_ssd, ssd_scale, mask))
-            if features_here:
-                feature_mask = content_l if mask is None else mask * content_l
-                if settings.feature_similarity == "ncc":
-                    loss = loss + settings.feature_weight * feature_ncc(warp(mf_l, u_l).transpose(0, 1), feature_mask)
-                else:
-                    loss = loss + settings.feature_weight * feature_loss(ff_l, warp(mf_l, u_l), feature_mask)
-            return loss + level_smoothness * diffusion_loss(increment if settings.regularise_increment else u_l, spacing_l)
-
-        step = RepeatedStep(level_loss, Adam([velocity], lr=settings.learning_rate), device)
-        best, stall, loss_value, it = float("inf"), 0, float("nan"), 0
-        for it in range(1, n_iter + 1):
-            loss_value = float(step.step())
-            if loss_value < best - settings.tolerance:
-                best, stall = loss_value, 0
-            else:
-                stall += 1
-            if progress:
-                progress((done + it) / total_iterations)
-            if stall >= settings.patience:
-                break
-        done += n_iter
+            images, intensity_statistics = map_intensities(images, u_prev, intensity_statistics, settings)
+        if use_features and min(images.spacing) >= feature_spacing_mm:
+            images = add_level_features(images, fixed_features, moving_features, device)
+        objective = LevelObjective(images, u_prev, stage, settings)
+        velocity = torch.zeros((1, 3, *stage.velocity_shape), device=device, requires_grad=True)
+        on_iteration = None if progress is None else (lambda it, done=done: progress((done + it) / total_iterations))
+        iterations, loss_value = optimise_level(objective, velocity, stage.iterations, settings, on_iteration)
+        done += stage.iterations
         with torch.no_grad():
-            u = compose(u_prev, level_increment(velocity))
-        reports.append(LevelReport(level, shape, it, loss_value, intensity_mapped,
-                                   round(float(smoothing_mm), 3), round(noise, 4), round(level_smoothness, 4)))
+            u = compose(u_prev, objective.increment(velocity))
+        reports.append(LevelReport(stage.level, shape, iterations, loss_value, images.intensity_mapped,
+                                   round(float(images.smoothing_mm), 3), round(noise, 4), round(images.smoothness, 4)))
         if progress:
             progress(done / total_iterations)
     with torch.no_grad():

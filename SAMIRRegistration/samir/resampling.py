@@ -1,21 +1,62 @@
-"""Apply a registration to the original moving image/labels, and convert to ITK transforms.
+"""Resampling of volumes in physical space: one function per need.
 
-The displacement ``d`` lives on the fixed grid in LPS mm; fixed voxel ``p`` (world ``x``) takes its
-value from the moving image at world ``x + d(x)``. Sampling goes straight from the original moving
-array (one interpolation), whatever its grid.
+* :func:`resample_into` — a volume onto another grid through an affine map (None: the identity),
+  with SimpleITK: the moving image into the fixed frame, masks, label maps onto a common grid.
+* :func:`coverage_of` — which voxels of a grid lie inside another image's field of view.
+* :func:`warp_volume` / :func:`warp_labels` — the original moving image / label map onto the fixed
+  grid through a registration's displacement (LPS mm, on the fixed grid): fixed voxel ``p`` (world
+  ``x``) takes its value from the moving image at world ``x + d(x)``, sampled straight from the
+  original moving array (one interpolation), whatever its grid.
+* :func:`warp_labels_on_grid` — the same label rule for a pair already on one grid and a field in
+  voxels (training's validation and the evaluation report score Dice alike).
+
+Sampling at continuous voxel indices follows :mod:`samir.spatial`'s convention (cell-centred,
+``align_corners=False``).
 """
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .geometry import Volume, from_sitk, index_to_world, to_sitk, world_to_index
+from .geometry import Volume, displacement_zyx_voxels_to_lps, from_sitk, index_to_world, to_sitk, world_to_index
+from .spatial import grid_coordinates
 
-VOXELS_PER_CHUNK = 2_000_000
+VOXELS_PER_CHUNK = 2_000_000  # fixed voxels resampled at a time through a displacement (bounds the memory)
+
+
+def resample_into(moving: Volume, reference: Volume, labels: bool = False,
+                  affine_lps: Optional[np.ndarray] = None, cubic: bool = False) -> Volume:
+    """Resample ``moving`` onto ``reference``'s grid through ``affine_lps`` (4x4, reference world point ->
+    moving world point; None: the identity) in physical space: nearest neighbour for ``labels``, else
+    trilinear, or with ``cubic`` a cubic B-spline clipped to the input's range."""
+    identity = affine_lps is None or np.allclose(affine_lps, np.eye(4))
+    if identity and moving.same_grid(reference):
+        return replace(moving, array=moving.array)
+    transform = sitk.Transform()
+    if not identity:
+        matrix = np.asarray(affine_lps, dtype=np.float64)
+        transform = sitk.AffineTransform(3)
+        transform.SetMatrix(tuple(matrix[:3, :3].ravel()))
+        transform.SetTranslation(tuple(matrix[:3, 3]))
+    interp = sitk.sitkNearestNeighbor if labels else (sitk.sitkBSpline if cubic else sitk.sitkLinear)
+    out = from_sitk(sitk.Resample(to_sitk(moving), to_sitk(reference.with_array(np.zeros(reference.shape, np.uint8))),
+                                  transform, interp, 0.0), moving.name)
+    if cubic and not labels:
+        out.array = np.clip(out.array, min(float(moving.array.min()), 0.0), float(moving.array.max()))
+    return out
+
+
+def coverage_of(moving: Volume, reference: Volume, affine_lps: Optional[np.ndarray] = None) -> np.ndarray:
+    """1 where a reference voxel (mapped through ``affine_lps``) lies inside the moving image's field of view."""
+    ones = moving.with_array(np.ones(moving.shape, dtype=np.uint8))
+    return resample_into(ones, reference, labels=True, affine_lps=affine_lps).array.astype(np.float32)
+
 
 
 def _moving_index_slabs(fixed: Volume, moving: Volume, displacement_lps: np.ndarray, device):
@@ -36,9 +77,9 @@ def _moving_index_slabs(fixed: Volume, moving: Volume, displacement_lps: np.ndar
         yield slice(z0, z1), ijk @ linear.T + offset + disp @ world_to_moving.T
 
 
-def _normalized(index: torch.Tensor, shape_zyx) -> torch.Tensor:
-    sizes = torch.tensor([shape_zyx[2], shape_zyx[1], shape_zyx[0]], dtype=index.dtype, device=index.device)
-    return 2.0 * index / (sizes - 1).clamp_min(1) - 1.0
+def _grid(index: torch.Tensor, shape_zyx) -> torch.Tensor:
+    """``grid_sample``'s grid ``(1, ..., 3)`` for continuous ITK indices ``(..., 3)`` of a ``shape_zyx`` volume."""
+    return torch.stack([grid_coordinates(index[..., a], n) for a, n in enumerate(shape_zyx[::-1])], dim=-1)[None]
 
 
 def _inside(index: torch.Tensor, shape_zyx) -> torch.Tensor:
@@ -52,8 +93,8 @@ def warp_volume(moving: Volume, fixed: Volume, displacement_lps: np.ndarray, def
     source = torch.from_numpy(np.ascontiguousarray(moving.array, dtype=np.float32))[None, None].to(device)
     out = np.empty(fixed.shape, dtype=np.float32)
     for zs, index in _moving_index_slabs(fixed, moving, displacement_lps, device):
-        grid = _normalized(index, moving.shape)[None]
-        values = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+        grid = _grid(index, moving.shape)
+        values = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
         values = torch.where(_inside(index, moving.shape), values, torch.full_like(values, default))
         out[zs] = values.cpu().numpy()
     return fixed.with_array(out, name=f"{moving.name} warped")
@@ -104,8 +145,8 @@ def warp_labels(labels: Volume, fixed: Volume, displacement_lps: np.ndarray, dev
         source = torch.from_numpy(np.ascontiguousarray(labels.array == values[rank], dtype=np.float32))[None, None].to(device)
         label_peak = (0.0, None)
         for zs, index in _moving_index_slabs(fixed, labels, displacement_lps, device):
-            prob = F.grid_sample(source, _normalized(index, labels.shape)[None], mode="bilinear",
-                                 padding_mode="zeros", align_corners=True)[0, 0]
+            prob = F.grid_sample(source, _grid(index, labels.shape), mode="bilinear",
+                                 padding_mode="zeros", align_corners=False)[0, 0]
             prob = torch.where(_inside(index, labels.shape), prob, torch.zeros_like(prob))
             flat = int(torch.argmax(prob))
             if float(prob.flatten()[flat]) > label_peak[0]:
@@ -116,31 +157,8 @@ def warp_labels(labels: Volume, fixed: Volume, displacement_lps: np.ndarray, dev
     return fixed.with_array(values[best_rank].astype(labels.array.dtype, copy=False), name=f"{labels.name} warped")
 
 
-def displacement_image(displacement_lps: np.ndarray, fixed: Volume) -> sitk.Image:
-    """Vector image (float64, LPS mm) on the fixed grid, as ITK displacement field transforms need."""
-    image = sitk.GetImageFromArray(displacement_lps.astype(np.float64), isVector=True)
-    image.SetSpacing(fixed.spacing)
-    image.SetOrigin(fixed.origin)
-    image.SetDirection(tuple(fixed.direction.ravel()))
-    return image
-
-
-def displacement_transform(displacement_lps: np.ndarray, fixed: Volume) -> sitk.DisplacementFieldTransform:
-    return sitk.DisplacementFieldTransform(displacement_image(displacement_lps, fixed))
-
-
-def write_transform(displacement_lps: np.ndarray, fixed: Volume, path) -> None:
-    """Write an ITK displacement-field transform (``.h5`` or ``.tfm``) readable by SimpleITK, ANTs, Slicer."""
-    sitk.WriteTransform(displacement_transform(displacement_lps, fixed), str(path))
-
-
-def write_displacement(displacement_lps: np.ndarray, fixed: Volume, path) -> None:
-    """Write the displacement as a 3-component vector image (``.nii.gz``, LPS mm, ITK/ANTs convention)."""
-    image = sitk.Cast(displacement_image(displacement_lps, fixed), sitk.sitkVectorFloat32)
-    sitk.WriteImage(image, str(path), useCompression=True)
-
-
-def resample_with_sitk(moving: Volume, fixed: Volume, transform: sitk.Transform,
-                       interpolator=sitk.sitkLinear, default: float = 0.0) -> Volume:
-    reference = to_sitk(fixed.with_array(np.zeros(fixed.shape, np.float32)))
-    return from_sitk(sitk.Resample(to_sitk(moving), reference, transform, interpolator, default), moving.name)
+def warp_labels_on_grid(labels: np.ndarray, grid: Volume, u: torch.Tensor) -> np.ndarray:
+    """A label map on ``grid`` through a field ``u`` ``(1, 3, D, H, W)`` in voxels of that grid, by
+    :func:`warp_labels`'s rule (on ``u``'s device)."""
+    displacement = displacement_zyx_voxels_to_lps(u[0].detach().cpu().numpy(), grid)
+    return warp_labels(grid.with_array(labels), grid, displacement, device=u.device).array

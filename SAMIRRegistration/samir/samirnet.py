@@ -1,14 +1,13 @@
 """The 3D head and pyramidal deformation field prediction (PDFP), with no image size baked in.
 
 Level 1 is the full-resolution grid; level ``l + 1`` halves every axis that stays large enough
-(the slicing axis only while it keeps at least ``through_plane_min`` voxels, so a 16-slice cardiac
-volume keeps its depth). Fields are predicted coarse to fine: at each level a 3-conv block reads
-(moving features warped by the upsampled coarser field, fixed features), predicts a velocity,
-scaling and squaring integrates it and the result is composed with the coarser field.
+(:func:`samir.spatial.pyramid_shapes`: a 16-slice cardiac volume keeps its depth). Fields are
+predicted coarse to fine: at each level a 3-conv block reads (moving features warped by the
+upsampled coarser field, fixed features), predicts a velocity, scaling and squaring integrates it
+and the result is composed with the coarser field.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -16,45 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .spatial import compose, integrate, resize_field, resize_volume, warp
-
-Shape3 = Tuple[int, int, int]
-
-
-def pyramid_shapes(shape: Sequence[int], levels: int, slicing_axis: Optional[int] = None,
-                   spacing_zyx: Optional[Sequence[float]] = None, min_size: int = 8,
-                   through_plane_min: int = 16, anisotropy: float = 1.25) -> List[Shape3]:
-    """Grid shapes of levels 1 (full) .. ``levels`` (coarsest).
-
-    An axis is halved while it keeps at least ``min_size`` voxels and (when ``spacing_zyx`` is
-    given) its voxels are not already coarser than 1.5x the finest axis, so anisotropic grids become
-    more isotropic going down. The slicing axis of an anisotropic volume is only halved while it
-    keeps ``through_plane_min`` voxels (a 16-slice cine volume keeps its depth).
-    """
-    spacing = [1.0, 1.0, 1.0] if spacing_zyx is None else [float(s) for s in spacing_zyx]
-    anisotropic = max(spacing) > anisotropy * min(spacing)
-    shapes = [tuple(int(n) for n in shape)]
-    for _ in range(levels - 1):
-        prev = shapes[-1]
-        limits = [through_plane_min if (axis == slicing_axis and (anisotropic or spacing_zyx is None)) else min_size
-                  for axis in range(3)]
-        can_halve = [math.ceil(n / 2) >= limit for n, limit in zip(prev, limits)]
-        finest = min([s for s, ok in zip(spacing, can_halve) if ok], default=min(spacing))
-        nxt = []
-        for axis, n in enumerate(prev):
-            half = math.ceil(n / 2)
-            if can_halve[axis] and spacing[axis] <= 1.5 * finest:
-                nxt.append(half)
-                spacing[axis] *= n / half
-            else:
-                nxt.append(n)
-        shapes.append(tuple(nxt))
-    return shapes
+from .spatial import compose, integrate, pyramid_shapes, resize_field, resize_volume, warp
 
 
 # Inference (no autograd) runs the full-resolution convolutions in slabs along z with about this many
 # voxels each, and instance norm in place: the same outputs without the large temporaries of a
-# whole-volume pass (a 256x160x192 pair in network mode peaked at 10 GB on the CPU before).
+# whole-volume pass (bench/README, "Design notes").
 INFERENCE_SLAB_VOXELS = 1_000_000
 
 
@@ -192,7 +158,7 @@ class VelocityBlock(nn.Module):
 class PyramidOutput:
     fields: List[torch.Tensor]  # per level, coarse -> fine, in voxels of that level
     velocities: List[torch.Tensor]
-    shapes: List[Shape3]
+    shapes: List[Tuple[int, int, int]]
 
     @property
     def final(self) -> torch.Tensor:

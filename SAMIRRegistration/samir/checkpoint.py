@@ -1,4 +1,6 @@
-"""Trained-network mode: the versioned SAMIR checkpoint, one forward pass, its size and cost.
+"""The versioned SAMIR network checkpoint: its configuration, saving and loading, the network's size and cost.
+
+One forward pass of a loaded network is :func:`samir.inference.predict_field`.
 
 A SAMIR checkpoint (``torch.save`` of plain tensors and Python scalars, loaded with
 ``weights_only=True``) holds:
@@ -10,7 +12,7 @@ A SAMIR checkpoint (``torch.save`` of plain tensors and Python scalars, loaded w
   description of the training data;
 * ``reduction``: the fixed linear map from the encoder's channels to ``feature_channels`` (mean and
   basis), so features mean the same at inference as in training;
-* ``state_dict``: the :class:`samir.pyramid.SAMIRNet` weights (head + PDFP).
+* ``state_dict``: the :class:`samir.samirnet.SAMIRNet` weights (head + PDFP).
 
 Loading checks every part and says what does not match (an older/newer format, a network trained on
 other features than the encoder asked for, missing or misshapen weights).
@@ -25,10 +27,11 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from .encoders import ENCODERS, load_checkpoint
-from .features import ChannelReduction, SliceFeatures
+from .features import ChannelReduction
 from .geometry import SAMIRInputError
 from .intensity import ALL_NORMALIZATIONS
-from .pyramid import SAMIRNet, pyramid_shapes
+from .samirnet import SAMIRNet
+from .spatial import pyramid_shapes
 
 FORMAT = "samir-checkpoint"
 FORMAT_VERSION = 1
@@ -212,45 +215,3 @@ def info(path: PathLike, shape_zyx: Sequence[int] = (160, 192, 224)) -> dict:
             "parameters_head": count_parameters(model.net.head), "parameters_pdfp": count_parameters(model.net.pdfp),
             "macs_shape_zyx": list(shape_zyx), "gmacs": count_macs(model.net, shape_zyx) / 1e9,
             "extra": model.extra}
-
-
-def prepare_features(model: SAMIRModel, fixed_features: SliceFeatures,
-                     moving_features: SliceFeatures) -> Tuple[SliceFeatures, SliceFeatures]:
-    """The encoder's raw features of a pair as the network reads them: frame component removed (if
-    the network was trained so), reduced to ``feature_channels`` with the checkpoint's reduction.
-    Still at encoder resolution; callers can drop the raw 256-channel features afterwards."""
-    from .features import remove_frame_component, reduce_channels
-    for name, fs in (("fixed", fixed_features), ("moving", moving_features)):
-        if fs.features.shape[1] != model.config.encoder_channels:
-            raise SAMIRInputError(f"{name} features have {fs.features.shape[1]} channels; the network expects"
-                                  f" {model.config.encoder_channels} ({model.config.encoder})")
-    if model.config.remove_frame_component:
-        fixed_features, moving_features = remove_frame_component([fixed_features, moving_features])
-    return reduce_channels(fixed_features, model.reduction), reduce_channels(moving_features, model.reduction)
-
-
-def predict_field(model: SAMIRModel, fixed01: torch.Tensor, moving01: torch.Tensor,
-                  fixed_features: Optional[SliceFeatures], moving_features: Optional[SliceFeatures],
-                  spacing_zyx: Sequence[float], slicing_axis: Optional[int], prepared: bool = False) -> torch.Tensor:
-    """One forward pass of head + PDFP; returns the full-resolution displacement ``(1, 3, D, H, W)`` in voxels.
-
-    ``fixed01``/``moving01``: ``(1, 1, D, H, W)`` normalised images on the same grid (and device);
-    ``*_features``: the encoder's raw features (``encoder_channels`` channels) of these images, or with
-    ``prepared`` the output of :func:`prepare_features`. The head runs on one image at a time, so only one
-    image's full-resolution features exist at once (the same result as ``SAMIRNet.forward``).
-    """
-    from .features import sample_features
-    net = model.net.to(fixed01.device)
-    if model.config.encoder == IMAGE_ONLY:  # image-only ablation: the head sees the images alone
-        no_features = fixed01.new_zeros((fixed01.shape[0], 0, *fixed01.shape[2:]))
-        with torch.inference_mode():
-            out = net(no_features, fixed01, no_features, moving01, slicing_axis, spacing_zyx)
-        return out.final.clone()
-    if not prepared:
-        fixed_features, moving_features = prepare_features(model, fixed_features, moving_features)
-    shape = tuple(fixed01.shape[2:])
-    with torch.inference_mode():  # head inputs built inline so that no reference outlives the first conv
-        fixed_head = net.head.infer(torch.cat([sample_features(fixed_features, shape, fixed01.device), fixed01], 1))
-        moving_head = net.head.infer(torch.cat([sample_features(moving_features, shape, fixed01.device), moving01], 1))
-        out = net.pdfp(fixed_head, moving_head, slicing_axis, spacing_zyx)
-    return out.final.clone()
