@@ -5,7 +5,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -164,9 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the same clean-up, its own exit code."""
+
+
+INTERRUPT_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report it
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run a command; exit code 0, 1 (outputs could not be written), 2 (bad input), 130 / 143 (interrupted)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="samir: %(message)s")
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    progress, finished = None, False
     try:
         import torch
         torch.set_num_threads(max(1, int(os.environ.get("SAMIR_THREADS", os.cpu_count() or 1))))
@@ -185,16 +204,44 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        fixed_seg_path=args.fixed_seg, fixed_mask_path=args.fixed_mask,
                                        moving_mask_path=args.moving_mask, options=options, progress=progress,
                                        transform_format=args.transform_format)
+            finished = True
             progress.close()
             print_summary(summary, args.out)
         else:
             from .demo import run_demo
             run_demo(args.out, options=options, resolution=args.resolution, progress=progress)
+            finished = True
             progress.close()
     except SAMIRInputError as exc:
+        from .io import SAMIROutputError
+        if progress is not None:
+            progress.close()
         print(f"samir: error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, SAMIROutputError) else 2
+    except KeyboardInterrupt as exc:
+        return _report_interrupt(args, progress, "SIGTERM" if isinstance(exc, Terminated) else "SIGINT", finished)
+    finally:
+        for number, handler in previous.items():
+            if handler is not None:
+                signal.signal(number, handler)
     return 0
+
+
+def _report_interrupt(args: argparse.Namespace, progress: Optional[StageProgress], name: str, finished: bool) -> int:
+    """One line instead of a traceback; a second signal while it is printed is ignored."""
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
+    if progress is not None:
+        progress.close()
+    out = getattr(args, "out", None)
+    what = {"register": f"no outputs were written, '{out}' is as it was",
+            "demo": f"no outputs were written, '{out}' is as it was",
+            "register-batch": "pairs registered before it are kept, the batch summary was not written"}
+    detail = f"after the outputs were written to '{out}'" if finished else what.get(args.command)
+    print(f"samir: interrupted ({'Ctrl-C' if name == 'SIGINT' else 'SIGTERM'})" + (f": {detail}" if detail else ""),
+          file=sys.stderr, flush=True)
+    return INTERRUPT_EXIT_CODES[name]
 
 
 def print_network_info(args: argparse.Namespace) -> int:

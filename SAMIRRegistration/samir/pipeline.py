@@ -11,8 +11,10 @@ Output folder (all on the fixed image's grid, physical space of the fixed image)
 * ``jacobian.nii.gz`` — Jacobian determinant of the transform.
 * ``summary.json`` — settings, timings per stage, peak memory, SDlogJ, folding %, Dice.
 
-Inputs are validated before anything is written; outputs are written to a staging folder and moved
-into place only when all of them succeeded.
+Inputs are validated before anything is written; the output folder is locked for the run (a second
+run writing there is refused); outputs are written to a staging folder and moved into place only
+when all of them succeeded, replacing every output of an earlier run in that folder
+(:func:`samir.io.staged_output_dir`).
 """
 from __future__ import annotations
 
@@ -20,14 +22,15 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from . import __version__
 from .geometry import SAMIRInputError, Volume
-from .io import PathLike, check_labels_on_image, read_image, read_labels, staged_output_dir, write_volume
+from .io import (PathLike, check_labels_on_image, output_folder_lock, read_image, read_labels, staged_output_dir,
+                 write_volume)
 from .metrics import dice_per_label, mean_dice
 from .register import ProgressFn, RegistrationOptions, RegistrationResult, peak_memory_mb, register, resample_into
 from .transforms import warp_labels, warp_volume, write_displacement, write_transform
@@ -47,6 +50,11 @@ def dice_summary(fixed_seg: Volume, moving_seg_on_fixed: np.ndarray, warped_seg:
 
 
 TRANSFORM_FORMATS = ("h5", "tfm")
+
+
+def all_output_names() -> List[str]:
+    """Every file name a run may write (an earlier run's outputs that a new run does not write are removed)."""
+    return sorted({name for fmt in TRANSFORM_FORMATS for name in output_files(fmt).values()})
 
 
 def output_files(transform_format: str = "h5") -> Dict[str, str]:
@@ -117,30 +125,31 @@ def run_registration(fixed_path: PathLike, moving_path: PathLike, out_dir: PathL
     files = output_files(transform_format)
     paths = {"fixed": fixed_path, "moving": moving_path, "moving_seg": moving_seg_path,
              "fixed_seg": fixed_seg_path, "fixed_mask": fixed_mask_path, "moving_mask": moving_mask_path}
-    inputs = read_inputs(**{f"{key}_path": path for key, path in paths.items()})
-    fixed, moving = inputs["fixed"], inputs["moving"]
-    read_s = time.perf_counter() - start
+    with output_folder_lock(out_dir):  # a second run into this folder is refused now, not after registering
+        inputs = read_inputs(**{f"{key}_path": path for key, path in paths.items()})
+        fixed, moving = inputs["fixed"], inputs["moving"]
+        read_s = time.perf_counter() - start
 
-    result = register(fixed, moving, options, fixed_mask=inputs["fixed_mask"], moving_mask=inputs["moving_mask"],
-                      progress=progress)
-    report = progress or (lambda stage, fraction: None)
-    report("write outputs", 0.0)
-    t0 = time.perf_counter()
-    with staged_output_dir(out_dir) as stage:
-        metrics = write_outputs(stage, result, moving, inputs["moving_seg"], inputs["fixed_seg"],
-                                device=result.info["device"], transform_format=transform_format)
-        summary = {
-            "samir_version": __version__,
-            "inputs": {key: str(path or "") for key, path in paths.items()},
-            "fixed_grid": {"shape_zyx": list(fixed.shape), "spacing_xyz": list(fixed.spacing)},
-            **{k: v for k, v in result.info.items() if k not in ("host_peak_rss_mb", "device_peak_allocated_mb")},
-            "timings_s": {"read": read_s, **{k[:-2]: v for k, v in result.timings.items()},
-                          "write": time.perf_counter() - t0},
-            **metrics,
-            "outputs": {k: v for k, v in files.items() if (stage / v).exists() or k == "summary"},
-        }
-        summary["timings_s"]["total"] = time.perf_counter() - start
-        summary.update(peak_memory_mb(torch.device(result.info["device"])))
-        (stage / files["summary"]).write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
+        result = register(fixed, moving, options, fixed_mask=inputs["fixed_mask"], moving_mask=inputs["moving_mask"],
+                          progress=progress)
+        report = progress or (lambda stage, fraction: None)
+        report("write outputs", 0.0)
+        t0 = time.perf_counter()
+        with staged_output_dir(out_dir, replaces=all_output_names()) as stage:
+            metrics = write_outputs(stage, result, moving, inputs["moving_seg"], inputs["fixed_seg"],
+                                    device=result.info["device"], transform_format=transform_format)
+            summary = {
+                "samir_version": __version__,
+                "inputs": {key: str(path or "") for key, path in paths.items()},
+                "fixed_grid": {"shape_zyx": list(fixed.shape), "spacing_xyz": list(fixed.spacing)},
+                **{k: v for k, v in result.info.items() if k not in ("host_peak_rss_mb", "device_peak_allocated_mb")},
+                "timings_s": {"read": read_s, **{k[:-2]: v for k, v in result.timings.items()},
+                              "write": time.perf_counter() - t0},
+                **metrics,
+                "outputs": {k: v for k, v in files.items() if (stage / v).exists() or k == "summary"},
+            }
+            summary["timings_s"]["total"] = time.perf_counter() - start
+            summary.update(peak_memory_mb(torch.device(result.info["device"])))
+            (stage / files["summary"]).write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     report("write outputs", 1.0)
     return summary

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import Volume, from_sitk, index_to_world, to_sitk, world_to_index
+from .io import SAMIROutputError, write_image
 
 VOXELS_PER_CHUNK = 2_000_000
 
@@ -131,13 +132,16 @@ def displacement_transform(displacement_lps: np.ndarray, fixed: Volume) -> sitk.
 
 def write_transform(displacement_lps: np.ndarray, fixed: Volume, path) -> None:
     """Write an ITK displacement-field transform (``.h5`` or ``.tfm``) readable by SimpleITK, ANTs, Slicer."""
-    sitk.WriteTransform(displacement_transform(displacement_lps, fixed), str(path))
+    try:
+        sitk.WriteTransform(displacement_transform(displacement_lps, fixed), str(path))
+    except RuntimeError as exc:
+        message = [line for line in str(exc).strip().splitlines() if line.strip()]
+        raise SAMIROutputError(f"could not write '{path}': {message[-1] if message else 'unknown error'}") from None
 
 
 def write_displacement(displacement_lps: np.ndarray, fixed: Volume, path) -> None:
     """Write the displacement as a 3-component vector image (``.nii.gz``, LPS mm, ITK/ANTs convention)."""
-    image = sitk.Cast(displacement_image(displacement_lps, fixed), sitk.sitkVectorFloat32)
-    sitk.WriteImage(image, str(path), useCompression=True)
+    write_image(sitk.Cast(displacement_image(displacement_lps, fixed), sitk.sitkVectorFloat32), path)
 
 
 def resample_with_sitk(moving: Volume, fixed: Volume, transform: sitk.Transform,
