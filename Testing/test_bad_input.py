@@ -4,6 +4,7 @@ missing, duplicate or unevenly spaced slices, label maps with fractional or nega
 labels outside their image, and damaged, foreign or pickled-object checkpoints. Small volumes, no
 registration runs here (the faults during a run are in test_faults.py).
 """
+import locale
 import os
 import re
 import shutil
@@ -114,6 +115,17 @@ def test_cli_refuses_a_cut_off_nii_gz_before_anything_is_written(image, tmp_path
 
 
 def write_series(folder: Path, positions, uid="1.2.826.0.1.3680043.2.1125.7.1", shape=(10, 12), first=0):
+    """Slices of a DICOM series; GDCM's writer sets the C locale and leaves it so (the encoding of later
+    text files would become ASCII), so the locale is put back."""
+    before = locale.setlocale(locale.LC_ALL, None)
+    try:
+        _write_slices(folder, positions, uid, shape, first)
+    finally:
+        locale.setlocale(locale.LC_ALL, before)
+    return folder
+
+
+def _write_slices(folder: Path, positions, uid: str, shape, first: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for index, z in enumerate(positions):
         array = (100 * smooth_random_volume((1,) + shape, seed=index) + 10 * index).astype(np.int16)
@@ -129,7 +141,6 @@ def write_series(folder: Path, positions, uid="1.2.826.0.1.3680043.2.1125.7.1", 
         writer.KeepOriginalImageUIDOn()
         writer.SetFileName(str(folder / f"slice{number:03d}.dcm"))
         writer.Execute(slice_image)
-    return folder
 
 
 def test_a_whole_dicom_series_folder_reads_with_its_slice_spacing(tmp_path):
@@ -169,6 +180,13 @@ def test_dicom_folders_with_a_damaged_file_two_series_or_none_are_refused(tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(SAMIRInputError, match="holds no readable DICOM series"):
         read_image(tmp_path / "empty", "fixed")
+
+
+def test_reading_a_dicom_series_keeps_the_locale(tmp_path):
+    folder = write_series(tmp_path / "ct", [2.0 * i for i in range(5)])
+    before = locale.setlocale(locale.LC_ALL, None)
+    read_image(folder, "fixed")
+    assert locale.setlocale(locale.LC_ALL, None) == before
 
 
 def test_slice_spacing_tolerance_accepts_rounding_and_refuses_beyond_two_percent():
