@@ -101,7 +101,7 @@ def test_loading_explains_mismatches(tmp_path):
         load_model(tmp_path / "sam.pth")
 
     (tmp_path / "pickle.pt").write_bytes(b"not a torch file")
-    with pytest.raises(SAMIRInputError, match="weights-only"):
+    with pytest.raises(SAMIRInputError, match="not a PyTorch file"):
         load_model(tmp_path / "pickle.pt")
 
 

@@ -28,8 +28,9 @@ from .engine_runner import (
     wait_until_finished,
 )
 from .grid_transforms import add_grid_transform_node, update_grid_transform_node
-from .segmentations import check_segmentation, copy_segmentation_into, propagate_segmentation
-from .volumes import node_label, remove_node, same_node, update_volume_node, volume_from_node
+from .segmentations import (check_segmentation, check_segmentation_on_volume, copy_segmentation_into,
+                            propagate_segmentation)
+from .volumes import check_source_file, node_label, remove_node, same_node, update_volume_node, volume_from_node
 
 EngineRunFactory = Callable[..., EngineRun]
 ProgressCallback = Callable[[float, str], None]  # (overall fraction 0..1, stage text)
@@ -152,8 +153,12 @@ class PairRegistrationTask(ReportingTask):
         if all(o is None for o in outputs) and self.moving_segmentation is None:
             raise SAMIRInputError("select at least one output (transform, warped volume, segmentation or Jacobian map)")
         self.settings.validate()
+        check_source_file(self.fixed_node, "fixed")
+        check_source_file(self.moving_node, "moving")
         fixed = volume_from_node(self.fixed_node, "fixed")
         moving = volume_from_node(self.moving_node, "moving", ignored_transform=self.output_transform)
+        if self.moving_segmentation is not None:
+            check_segmentation_on_volume(self.moving_segmentation, moving, "moving", self.output_transform)
         return fixed, moving
 
     # -- running ------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ import numpy as np
 import slicer
 import vtk
 from samir.geometry import SAMIRInputError, Volume
+from samir.io import check_labels_on_image
 from vtk.util import numpy_support
 
-from .volumes import array_to_matrix, ijk_to_world_ras, labels_from_node, node_label, remove_node, voxel_array_view
+from .volumes import (array_to_matrix, ijk_to_world_ras, labels_from_node, node_label, remove_node, volume_from_node,
+                      voxel_array_view)
 
 
 def segmentations_logic():
@@ -56,6 +58,43 @@ def check_segmentation(segmentation_node, role: str = "moving") -> None:
                               f" {segmentation_node.GetClassName()}, not a segmentation")
     if not segment_ids(segmentation_node):
         raise SAMIRInputError(f"{role} segmentation {node_label(segmentation_node)} has no segments")
+
+
+def _node_ids(scene) -> set:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def check_segmentation_on_volume(segmentation_node, volume: Volume, role: str = "moving",
+                                 ignored_transform=None) -> None:
+    """Refuse a segmentation with segments outside its volume (the engine's check of a label map against
+    its image, :func:`samir.io.check_labels_on_image`): they would be lost without a word.
+
+    The segments are exported on the segmentation's own grid (where they are), in world coordinates;
+    ``ignored_transform`` is looked through as for the volume (:func:`.volumes.parent_transform_to_world`).
+    A segmentation under a non-linear transform is not checked here: propagating it hardens that first.
+    """
+    parent = segmentation_node.GetParentTransformNode()
+    if parent is not None and not parent.IsTransformToWorldLinear():
+        return
+    scene = segmentation_node.GetScene()
+    existing = _node_ids(scene)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("SAMIR check"))
+    try:
+        exported = segmentations_logic().ExportAllSegmentsToLabelmapNode(
+            segmentation_node, labelmap, slicer.vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS)
+        image = labelmap.GetImageData()
+        if not exported or image is None or image.GetPointData().GetScalars() is None:
+            return  # no segment has voxels: nothing can lie outside
+        labelmap.SetAndObserveTransformNodeID(segmentation_node.GetTransformNodeID())
+        labels = volume_from_node(labelmap, f"{role} segmentation", validate=False,
+                                  ignored_transform=ignored_transform)
+        labels = labels.with_array(np.array(labels.array, copy=True), name=segmentation_node.GetName())
+    finally:
+        remove_node(labelmap)
+        for node_id in _node_ids(scene) - existing:  # e.g. the colour table the export adds
+            if scene.GetNodeByID(node_id) is not None:
+                scene.RemoveNode(scene.GetNodeByID(node_id))
+    check_labels_on_image(labels, volume, f"{role} segmentation", f"{role} volume")
 
 
 def _harden(node) -> None:

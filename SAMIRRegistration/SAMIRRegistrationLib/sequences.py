@@ -23,7 +23,7 @@ from samir.geometry import SAMIRInputError
 from .engine_runner import EngineProgress, EngineRun, EngineSettings, LogCallback, RunState, wait_until_finished
 from .grid_transforms import add_grid_transform_node
 from .registration import EngineRunFactory, ProgressCallback, ReportingTask, SceneUndoList, subprocess_engine_runs
-from .segmentations import check_segmentation, propagate_segmentation
+from .segmentations import check_segmentation, check_segmentation_on_volume, propagate_segmentation
 from .volumes import node_label, remove_node, volume_from_node
 
 
@@ -109,8 +109,8 @@ class SequencePropagationTask(ReportingTask):
                                       " volume")
             frames.append(node)
         propagation_plan(count, self.reference_frame, self.chained)  # frame count and reference checks
-        for index, node in enumerate(frames):
-            volume_from_node(node, f"frame {index}")  # validate every frame before anything runs
+        volumes = [volume_from_node(node, f"frame {index}") for index, node in enumerate(frames)]  # all, before any run
+        check_segmentation_on_volume(self.segmentation, volumes[self.reference_frame], "reference frame")
         return frames
 
     # -- running ------------------------------------------------------------------------------

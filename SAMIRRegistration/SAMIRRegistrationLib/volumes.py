@@ -11,12 +11,14 @@ read-only. Writing copies once (numpy -> VTK).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import slicer
 import vtk
 from samir.geometry import SAMIRInputError, Volume, index_to_ras, volume_from_ras_affine
+from samir.file_integrity import check_image_file
 from samir.io import check_labels, check_volume
 from vtk.util import numpy_support
 
@@ -119,6 +121,19 @@ def volume_from_node(node, role: str = "input", validate: bool = True, ignored_t
     if validate:
         check_volume(volume, role)
     return volume
+
+
+def check_source_file(node, role: str = "input") -> None:
+    """Refuse a volume node read from a damaged file, with the engine's reason.
+
+    Slicer's readers are ITK's: a NIfTI file cut off by an interrupted copy loads without a word, the
+    missing voxels zero. The file the node was loaded from (its storage node's, while it exists) is
+    checked as the engine checks its inputs (:mod:`samir.file_integrity`).
+    """
+    storage = node.GetStorageNode() if node is not None and node.IsA("vtkMRMLStorableNode") else None
+    file_name = storage.GetFileName() if storage is not None else None
+    if file_name and Path(file_name).is_file():
+        check_image_file(Path(file_name), f"{role} volume {node_label(node)}: its file")
 
 
 def labels_from_node(node, role: str = "input") -> Volume:

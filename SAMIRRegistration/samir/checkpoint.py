@@ -26,7 +26,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .encoders import ENCODERS, load_checkpoint
+from .encoders import ENCODERS
+from .weights_only import load_checkpoint
 from .features import ChannelReduction
 from .geometry import SAMIRInputError
 from .intensity import ALL_NORMALIZATIONS

@@ -10,7 +10,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -39,11 +41,14 @@ def run_register(args: argparse.Namespace) -> int:
     from .register import RegistrationOptions
     options = RegistrationOptions.from_arguments(args)
     progress = StageProgress(args.progress)
-    summary = run_registration(args.fixed, args.moving, args.out, moving_seg_path=args.moving_seg,
-                               fixed_seg_path=args.fixed_seg, fixed_mask_path=args.fixed_mask,
-                               moving_mask_path=args.moving_mask, options=options, progress=progress,
-                               transform_format=args.transform_format)
-    progress.close()
+    try:
+        summary = run_registration(args.fixed, args.moving, args.out, moving_seg_path=args.moving_seg,
+                                   fixed_seg_path=args.fixed_seg, fixed_mask_path=args.fixed_mask,
+                                   moving_mask_path=args.moving_mask, options=options, progress=progress,
+                                   transform_format=args.transform_format)
+        args.outputs_written = True
+    finally:
+        progress.close()
     print_summary(summary, args.out)
     return 0
 
@@ -59,8 +64,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo as demo
     from .register import RegistrationOptions
     progress = StageProgress(args.progress)
-    demo(args.out, options=RegistrationOptions.from_arguments(args), resolution=args.resolution, progress=progress)
-    progress.close()
+    try:
+        demo(args.out, options=RegistrationOptions.from_arguments(args), resolution=args.resolution,
+             progress=progress)
+        args.outputs_written = True
+    finally:
+        progress.close()
     return 0
 
 
@@ -198,18 +207,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the same clean-up, its own exit code."""
+
+
+INTERRUPT_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report it
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run a command; exit code 0, 1 (outputs could not be written), 2 (bad input), 130 / 143 (interrupted)."""
     args = build_parser().parse_args(argv)
     command = COMMANDS[args.command]
     logging.basicConfig(level=logging.WARNING, format="samir: %(message)s")
     logging.getLogger("samir").setLevel(command.log_level)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         import torch
         torch.set_num_threads(max(1, int(os.environ.get("SAMIR_THREADS", os.cpu_count() or 1))))
         return command.run(args)
     except SAMIRInputError as exc:
+        from .io import SAMIROutputError
         print(f"samir: error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, SAMIROutputError) else 2
+    except KeyboardInterrupt as exc:
+        return _report_interrupt(args, "SIGTERM" if isinstance(exc, Terminated) else "SIGINT")
+    finally:
+        for number, handler in previous.items():
+            if handler is not None:
+                signal.signal(number, handler)
+
+
+def _report_interrupt(args: argparse.Namespace, name: str) -> int:
+    """One line instead of a traceback; a second signal while it is printed is ignored."""
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
+    out = getattr(args, "out", None)
+    what = {"register": f"no outputs were written, '{out}' is as it was",
+            "demo": f"no outputs were written, '{out}' is as it was",
+            "register-batch": "pairs registered before it are kept, the batch summary was not written"}
+    written = getattr(args, "outputs_written", False)
+    detail = f"after the outputs were written to '{out}'" if written else what.get(args.command)
+    print(f"samir: interrupted ({'Ctrl-C' if name == 'SIGINT' else 'SIGTERM'})" + (f": {detail}" if detail else ""),
+          file=sys.stderr, flush=True)
+    return INTERRUPT_EXIT_CODES[name]
 
 
 if __name__ == "__main__":

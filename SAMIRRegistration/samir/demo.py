@@ -6,6 +6,7 @@ gamma contrast change and Gaussian noise (the paper's robustness setting). Grey/
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import SimpleITK as sitk
 
 from .geometry import Volume, displacement_lps_to_zyx_voxels, from_sitk, volume_from_ras_affine
-from .io import write_volume
+from .io import output_folder_lock, signals_deferred, write_volume
 from .register import ProgressFn, RegistrationOptions, stage_times
 
 LABEL_NAMES = {1: "grey matter", 2: "white matter"}
@@ -113,13 +114,21 @@ def run_demo(out_dir, options: Optional[RegistrationOptions] = None, resolution:
     out_dir = Path(out_dir)
     pair = make_demo_pair(resolution)
     inputs = out_dir / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for key in ("fixed", "moving", "fixed_seg", "moving_seg"):
-        paths[key] = inputs / f"{key}.nii.gz"
-        write_volume(pair[key], paths[key])
-    summary = run_registration(paths["fixed"], paths["moving"], out_dir, moving_seg_path=paths["moving_seg"],
-                               fixed_seg_path=paths["fixed_seg"], options=options, progress=progress)
+    with output_folder_lock(out_dir):
+        made = [folder for folder in (out_dir, inputs) if not folder.exists()]
+        try:
+            inputs.mkdir(parents=True, exist_ok=True)
+            paths = {}
+            for key in ("fixed", "moving", "fixed_seg", "moving_seg"):
+                paths[key] = inputs / f"{key}.nii.gz"
+                write_volume(pair[key], paths[key])
+            summary = run_registration(paths["fixed"], paths["moving"], out_dir, moving_seg_path=paths["moving_seg"],
+                                       fixed_seg_path=paths["fixed_seg"], options=options, progress=progress)
+        except BaseException:  # interrupted or failed: take away the folders this run made
+            with signals_deferred():
+                if made:
+                    shutil.rmtree(made[0], ignore_errors=True)
+            raise
     if hasattr(progress, "close"):
         progress.close()
     warped = from_sitk(sitk.ReadImage(str(out_dir / "warped.nii.gz"))).array

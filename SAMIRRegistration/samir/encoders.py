@@ -82,13 +82,9 @@ def _unwrap_state_dict(checkpoint, prefix: str = "image_encoder.") -> Dict[str, 
 
 
 def load_checkpoint(path: Path, what: str = "encoder checkpoint") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SAMIRInputError(f"{what} '{path}' does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise SAMIRInputError(f"{what} '{path}' could not be loaded as a weights-only PyTorch file: {exc}") from None
+    """See :func:`samir.weights_only.load_checkpoint` (damaged, pickled or foreign files are refused with the reason)."""
+    from .weights_only import load_checkpoint as load_weights_only
+    return load_weights_only(path, what)
 
 
 class LiteMedSAMEncoder(SliceEncoder):

@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .weights_only import load_checkpoint
 from .encoders import SliceEncoder
 from .features import SliceFeatures, cpu_has_fast_bf16
 from .geometry import SAMIRInputError
@@ -168,11 +169,10 @@ class FeatureCache:
         if not path.is_file():
             return None
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:  # evicted by another process meanwhile
-            return None
-        except Exception as exc:  # truncated zip, unpickling errors, ...: all mean "not usable"
-            self._discard(path, exc.__class__.__name__)
+            payload = load_checkpoint(path, "cached features")
+        except SAMIRInputError as exc:  # evicted by another process meanwhile, cut off, corrupted, ...
+            if path.exists():
+                self._discard(path, str(exc).split(f"'{path}' ", 1)[-1])
             return None
         features = payload.get("features") if isinstance(payload, dict) else None
         if not (isinstance(payload, dict) and payload.get("format") == FORMAT_VERSION and payload.get("key") == key

@@ -11,8 +11,10 @@ Output folder (all on the fixed image's grid, physical space of the fixed image)
 * ``jacobian.nii.gz`` — Jacobian determinant of the transform.
 * ``summary.json`` — settings, timings per stage, peak memory, SDlogJ, folding %, Dice.
 
-Inputs are validated before anything is written; outputs are written to a staging folder and moved
-into place only when all of them succeeded.
+Inputs are validated before anything is written; the output folder is locked for the run (a second
+run writing there is refused); outputs are written to a staging folder and moved into place only
+when all of them succeeded, replacing every output of an earlier run in that folder
+(:func:`samir.io.staged_output_dir`).
 """
 from __future__ import annotations
 
@@ -20,14 +22,15 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from . import __version__
 from .geometry import SAMIRInputError, Volume
-from .io import PathLike, read_image, read_labels, staged_output_dir, write_displacement, write_transform, write_volume
+from .io import (PathLike, check_labels_on_image, output_folder_lock, read_image, read_labels, staged_output_dir,
+                 write_displacement, write_transform, write_volume)
 from .metrics import dice_per_label, mean_dice
 from .register import ProgressFn, RegistrationOptions, RegistrationResult, peak_memory_mb, register
 from .resampling import resample_into, warp_labels, warp_volume
@@ -47,6 +50,11 @@ def dice_summary(fixed_seg: Volume, moving_seg_on_fixed: np.ndarray, warped_seg:
 
 
 TRANSFORM_FORMATS = ("h5", "tfm")
+
+
+def all_output_names() -> List[str]:
+    """Every file name a run may write (an earlier run's outputs that a new run does not write are removed)."""
+    return sorted({name for fmt in TRANSFORM_FORMATS for name in output_files(fmt).values()})
 
 
 def output_files(transform_format: str = "h5") -> Dict[str, str]:
@@ -87,6 +95,24 @@ def write_outputs(stage: Path, result: RegistrationResult, moving: Volume, movin
     return metrics
 
 
+def read_inputs(fixed_path: PathLike, moving_path: PathLike, moving_seg_path: Optional[PathLike] = None,
+                fixed_seg_path: Optional[PathLike] = None, fixed_mask_path: Optional[PathLike] = None,
+                moving_mask_path: Optional[PathLike] = None) -> Dict[str, Optional[Volume]]:
+    """Read and validate every input file (label maps also against the image they belong to)."""
+    volumes: Dict[str, Optional[Volume]] = {"fixed": read_image(fixed_path, "fixed"),
+                                            "moving": read_image(moving_path, "moving")}
+    for key, path, role, kind in (("moving_seg", moving_seg_path, "moving", "segmentation"),
+                                  ("fixed_seg", fixed_seg_path, "fixed", "segmentation"),
+                                  ("fixed_mask", fixed_mask_path, "fixed", "mask"),
+                                  ("moving_mask", moving_mask_path, "moving", "mask")):
+        volumes[key] = read_labels(path, role, kind) if path else None
+        if volumes[key] is not None:
+            check_labels_on_image(volumes[key], volumes[role], f"{role} {kind}", f"{role} image")
+    if volumes["fixed_seg"] is not None and volumes["moving_seg"] is None:
+        raise SAMIRInputError("a fixed segmentation was given without a moving segmentation: Dice needs both")
+    return volumes
+
+
 def run_registration(fixed_path: PathLike, moving_path: PathLike, out_dir: PathLike, *,
                      moving_seg_path: Optional[PathLike] = None, fixed_seg_path: Optional[PathLike] = None,
                      fixed_mask_path: Optional[PathLike] = None, moving_mask_path: Optional[PathLike] = None,
@@ -97,37 +123,33 @@ def run_registration(fixed_path: PathLike, moving_path: PathLike, out_dir: PathL
     start = time.perf_counter()
     options.validate()
     files = output_files(transform_format)
-    fixed = read_image(fixed_path, "fixed")
-    moving = read_image(moving_path, "moving")
-    moving_seg = read_labels(moving_seg_path, "moving") if moving_seg_path else None
-    fixed_seg = read_labels(fixed_seg_path, "fixed") if fixed_seg_path else None
-    fixed_mask = read_labels(fixed_mask_path, "fixed mask") if fixed_mask_path else None
-    moving_mask = read_labels(moving_mask_path, "moving mask") if moving_mask_path else None
-    if fixed_seg is not None and moving_seg is None:
-        raise SAMIRInputError("a fixed segmentation was given without a moving segmentation: Dice needs both")
-    read_s = time.perf_counter() - start
+    paths = {"fixed": fixed_path, "moving": moving_path, "moving_seg": moving_seg_path,
+             "fixed_seg": fixed_seg_path, "fixed_mask": fixed_mask_path, "moving_mask": moving_mask_path}
+    with output_folder_lock(out_dir):  # a second run into this folder is refused now, not after registering
+        inputs = read_inputs(**{f"{key}_path": path for key, path in paths.items()})
+        fixed, moving = inputs["fixed"], inputs["moving"]
+        read_s = time.perf_counter() - start
 
-    result = register(fixed, moving, options, fixed_mask=fixed_mask, moving_mask=moving_mask, progress=progress)
-    report = progress or (lambda stage, fraction: None)
-    report("write outputs", 0.0)
-    t0 = time.perf_counter()
-    with staged_output_dir(out_dir) as stage:
-        metrics = write_outputs(stage, result, moving, moving_seg, fixed_seg, device=result.info["device"],
-                                transform_format=transform_format)
-        summary = {
-            "samir_version": __version__,
-            "inputs": {"fixed": str(fixed_path), "moving": str(moving_path), "moving_seg": str(moving_seg_path or ""),
-                       "fixed_seg": str(fixed_seg_path or ""), "fixed_mask": str(fixed_mask_path or ""),
-                       "moving_mask": str(moving_mask_path or "")},
-            "fixed_grid": {"shape_zyx": list(fixed.shape), "spacing_xyz": list(fixed.spacing)},
-            **{k: v for k, v in result.info.items() if k not in ("host_peak_rss_mb", "device_peak_allocated_mb")},
-            "timings_s": {"read": read_s, **{k[:-2]: v for k, v in result.timings.items()},
-                          "write": time.perf_counter() - t0},
-            **metrics,
-            "outputs": {k: v for k, v in files.items() if (stage / v).exists() or k == "summary"},
-        }
-        summary["timings_s"]["total"] = time.perf_counter() - start
-        summary.update(peak_memory_mb(torch.device(result.info["device"])))
-        (stage / files["summary"]).write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
+        result = register(fixed, moving, options, fixed_mask=inputs["fixed_mask"], moving_mask=inputs["moving_mask"],
+                          progress=progress)
+        report = progress or (lambda stage, fraction: None)
+        report("write outputs", 0.0)
+        t0 = time.perf_counter()
+        with staged_output_dir(out_dir, replaces=all_output_names()) as stage:
+            metrics = write_outputs(stage, result, moving, inputs["moving_seg"], inputs["fixed_seg"],
+                                    device=result.info["device"], transform_format=transform_format)
+            summary = {
+                "samir_version": __version__,
+                "inputs": {key: str(path or "") for key, path in paths.items()},
+                "fixed_grid": {"shape_zyx": list(fixed.shape), "spacing_xyz": list(fixed.spacing)},
+                **{k: v for k, v in result.info.items() if k not in ("host_peak_rss_mb", "device_peak_allocated_mb")},
+                "timings_s": {"read": read_s, **{k[:-2]: v for k, v in result.timings.items()},
+                              "write": time.perf_counter() - t0},
+                **metrics,
+                "outputs": {k: v for k, v in files.items() if (stage / v).exists() or k == "summary"},
+            }
+            summary["timings_s"]["total"] = time.perf_counter() - start
+            summary.update(peak_memory_mb(torch.device(result.info["device"])))
+            (stage / files["summary"]).write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     report("write outputs", 1.0)
     return summary

@@ -663,11 +663,11 @@ def _atomic_save(payload: dict, path: Path) -> None:
 
 
 def load_training_state(path: Path) -> dict:
+    from .weights_only import load_checkpoint
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SAMIRInputError(f"training state '{path}' could not be read ({exc}); delete it or pass"
-                              " --restart") from None
+        state = load_checkpoint(path, "training state")
+    except SAMIRInputError as exc:
+        raise SAMIRInputError(f"{exc}; delete it or pass --restart") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise SAMIRInputError(f"'{path}' is not a SAMIR training state")
     if state.get("version", 0) > STATE_VERSION:
