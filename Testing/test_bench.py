@@ -73,13 +73,20 @@ def test_score_rejects_a_field_on_another_grid(small_case, tmp_path):
         harness.score(small_case, tmp_path)
 
 
-def test_samir_runs_through_its_command_line_and_is_scored(small_case, tmp_path):
+def test_samir_runs_through_its_command_line_and_is_scored(small_case, tmp_path, monkeypatch):
+    import types
+    clock = iter([100.0, 137.5])  # the harness's clock, read before and after the engine's process
+    monkeypatch.setattr(harness, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     row = harness.evaluate("samir:fast", small_case, tmp_path, threads=1)
     assert "error" not in row, row.get("error")
     before = harness.initial_scores(small_case)
     assert row["dice"] > before["dice"] + 0.05 and row["epe_mm"] < 0.6 * before["epe_mm"]
-    assert 0 < row["wall_s"] < row["process_s"] and row["peak_rss_mb"] > 100
-    assert row["stages_s"]["optimise"] > 0
+    # the row's timings are the process's (by the harness's clock) and the engine's own, less reading and writing
+    summary = json.loads((harness.method_dir(tmp_path, small_case, "samir:fast") / "summary.json").read_text())
+    stages = summary["timings_s"]
+    assert row["process_s"] == 37.5 and row["stages_s"] == stages and "optimise" in stages
+    assert row["wall_s"] == pytest.approx(stages["total"] - stages["write"] - stages["read"])
+    assert row["peak_rss_mb"] == summary["host_peak_rss_mb"] > 100
 
 
 def test_peer_runner_demons_in_the_same_interface(small_case, tmp_path, monkeypatch):
@@ -156,11 +163,14 @@ def test_a_peer_output_is_reused_only_for_byte_identical_inputs(small_case, tmp_
     work = tmp_path / "work"
     assert not harness.evaluate("demons", case, work, 1, reuse_peers=True).get("reused")
     assert len(calls) == 1
+    import os
+    import time
+    made = time.mktime((2001, 2, 3, 4, 5, 0, 0, 0, -1))  # the earlier run's output, 2001-02-03 04:05 local time
+    os.utime(harness.method_dir(work, case, "demons") / "run.json", (made, made))
     reused = harness.evaluate("demons", case, work, 1, reuse_peers=True)
     assert reused["reused"] and len(calls) == 1
-    import time
     note = harness.reused_note([reused])
-    assert reused["name"].endswith(" *") and time.strftime("%Y-%m-%d") in note[0]
+    assert reused["name"].endswith(" *") and "made 2001-02-03 04:05 (" in note[0]
     assert not harness.evaluate("demons", case, work, 1).get("reused") and len(calls) == 2  # no reuse asked
     moving = case.moving.read_bytes()
     case.moving.write_bytes(moving[:-1] + bytes([moving[-1] ^ 1]))  # same name, other content
