@@ -174,9 +174,34 @@ def test_parameter_node_attributes_used_in_python_are_fields():
     assert used <= fields, f"not parameter-node fields: {sorted(used - fields)}"
 
 
-def test_the_panel_offers_the_engines_choices():
-    samir = pytest.importorskip("samir.register", reason="the engine (torch) is not installed")
-    from samir.encoders import ENCODERS
+def panel_choices() -> dict:
+    """Parameter-node field -> the values its ``Choice(...)`` offers, evaluated as Slicer would: with the
+    module's own constants and the names it imports from ``samir.options``."""
+    import samir.options
+    tree = module_ast()
+    names = {"list": list, "tuple": tuple}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module == "samir.options":
+            names.update({a.asname or a.name: getattr(samir.options, a.name) for a in node.names})
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            names.update({t.id: node.value.value for t in node.targets if isinstance(t, ast.Name)})
+    wrapper, = [node for node in tree.body if isinstance(node, ast.ClassDef)
+                and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list)]
+    out = {}
+    for statement in wrapper.body:
+        for call in ast.walk(statement.annotation) if isinstance(statement, ast.AnnAssign) else ():
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "Choice":
+                value = lambda node: eval(compile(ast.Expression(node), "panel", "eval"), names)  # noqa: E731, S307
+                out[statement.target.id] = (tuple(value(call.args[0])), value(statement.value))
+    return out
+
+
+def test_the_panel_offers_the_engines_choices(tmp_path):
+    """Each engine choice the panel offers is what the engine's command line takes for that option, all of
+    it and nothing else, and reaches it unchanged through the settings the panel hands the engine process."""
+    cli = pytest.importorskip("samir.cli", reason="the engine (torch) is not installed")
+    from samir.geometry import SAMIRInputError
+    from samir.resources import resolve_device
     # engine_runner needs no slicer: load it alone (the package __init__ imports the MRML parts)
     spec = importlib.util.spec_from_file_location("bridge_engine_runner",
                                                   MODULE_FOLDER / "SAMIRRegistrationLib" / "engine_runner.py")
@@ -186,33 +211,74 @@ def test_the_panel_offers_the_engines_choices():
         spec.loader.exec_module(engine_runner)
     finally:
         del sys.modules[spec.name]
-    tree = module_ast()
-    source = MODULE_SCRIPT.read_text()
-    assert "Choice(list(PRESETS))" in source and "Choice(list(ENCODERS))" in source and "Choice(list(MODES))" in source
-    assert engine_runner.PRESETS == tuple(samir.PRESETS) and engine_runner.MODES == tuple(samir.MODES)
-    assert engine_runner.ENCODERS == tuple(ENCODERS)
-    assert isinstance(tree, ast.Module)
+    parser = cli.build_parser()
+    register_parser = next(a for a in parser._actions if a.dest == "command").choices["register"]
+    flags = {a.option_strings[0]: a for a in register_parser._actions if a.option_strings}
+    network = tmp_path / "network.pt"
+    network.write_bytes(b"")
+    offered = panel_choices()
+    engine_fields = {"mode": "--mode", "encoder": "--encoder", "preset": "--preset", "alignment": "--alignment",
+                     "device": "--device"}
+    assert set(engine_fields) <= set(offered), sorted(offered)
+    for field, flag in engine_fields.items():
+        choices, default = offered[field]
+        assert default in choices and len(set(choices)) == len(choices) > 1, field
+        if flags[flag].choices is not None:
+            assert sorted(choices) == sorted(flags[flag].choices), field
+        else:  # --device is free text (cuda:N), checked when the engine starts: a name it does not know is refused
+            for value in choices:
+                try:
+                    resolve_device(value)
+                except SAMIRInputError as error:
+                    assert "unknown device" not in str(error), value
+        for value in choices:
+            settings = engine_runner.EngineSettings(**{field: value}, network_weights=str(network))
+            settings.validate()
+            command = engine_runner.engine_command("python", Path("f"), Path("m"), Path("o"), settings)
+            assert command[1:4] == ["-m", "samir.cli", "register"]
+            assert getattr(parser.parse_args(command[3:]), field) == value, (field, value)
 
 
-def test_module_follows_the_scripted_module_template():
-    tree = module_ast()
-    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-    bases = {name: [ast.unparse(b) for b in node.bases] for name, node in classes.items()}
-    assert bases["SAMIRRegistration"] == ["ScriptedLoadableModule"]
-    assert bases["SAMIRRegistrationWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
-    assert bases["SAMIRRegistrationLogic"] == ["ScriptedLoadableModuleLogic"]
-    assert bases["SAMIRRegistrationTest"] == ["ScriptedLoadableModuleTest"]
-    logic_methods = {f.name: f for f in classes["SAMIRRegistrationLogic"].body if isinstance(f, ast.FunctionDef)}
-    arguments = [a.arg for a in logic_methods["registerVolumes"].args.args]
-    assert arguments[:9] == ["self", "fixedVolume", "movingVolume", "movingSegmentation", "outputTransform",
-                             "outputVolume", "outputSegmentation", "outputJacobian", "settings"]
-    assert "waitForCompletion" in arguments and "propagateSegmentationThroughSequence" in logic_methods
-    test_methods = [f.name for f in classes["SAMIRRegistrationTest"].body if isinstance(f, ast.FunctionDef)]
-    assert "runTest" in test_methods and any(name.startswith("test_") for name in test_methods)
-    source = MODULE_SCRIPT.read_text()
-    assert 'self.parent.categories = ["Registration"]' in source
-    assert "import torch" not in source, "the application process must never import torch"
-    compile(source, str(MODULE_SCRIPT), "exec")
+def test_module_follows_the_scripted_module_template(monkeypatch, tmp_path):
+    """What Slicer's scripted-module loader and "Reload and Test" use: the module, widget, logic and test
+    classes named after the file on their own base classes, the module's entry under Registration, a
+    runTest that runs every test method, and the logic's documented entry points."""
+    import inspect
+    import types
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    import slicer_app_standin as standin
+    standin.install(monkeypatch, tmp_path)
+    bases = types.ModuleType("slicer.ScriptedLoadableModule")  # one distinct base per role
+    for role in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
+                 "ScriptedLoadableModuleTest"):
+        setattr(bases, role, type(role, (), {"__init__": lambda self, parent=None: setattr(self, "parent", parent)}))
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", bases)
+    module = standin.import_module(monkeypatch)
+    for suffix, base in (("", bases.ScriptedLoadableModule), ("Widget", bases.ScriptedLoadableModuleWidget),
+                         ("Logic", bases.ScriptedLoadableModuleLogic), ("Test", bases.ScriptedLoadableModuleTest)):
+        assert issubclass(getattr(module, "SAMIRRegistration" + suffix), base), suffix
+
+    parent = types.SimpleNamespace()
+    module.SAMIRRegistration(parent)
+    assert parent.categories == ["Registration"] and parent.dependencies == []
+    assert parent.title and parent.contributors and all(isinstance(c, str) for c in parent.contributors)
+    assert parent.helpText and parent.acknowledgementText
+
+    test = module.SAMIRRegistrationTest()
+    methods = sorted(name for name in vars(module.SAMIRRegistrationTest) if name.startswith("test_"))
+    ran = []
+    monkeypatch.setattr(test, "setUp", lambda: ran.append("setUp"), raising=False)
+    for name in methods:
+        monkeypatch.setattr(test, name, lambda name=name: ran.append(name), raising=False)
+    test.runTest()
+    assert methods and sorted(ran[1::2]) == methods and set(ran[::2]) == {"setUp"}, ran  # each after a setUp
+
+    register = inspect.signature(module.SAMIRRegistrationLogic.registerVolumes).parameters
+    assert list(register)[:9] == ["self", "fixedVolume", "movingVolume", "movingSegmentation", "outputTransform",
+                                  "outputVolume", "outputSegmentation", "outputJacobian", "settings"]
+    assert register["waitForCompletion"].default is True
+    propagate = inspect.signature(module.SAMIRRegistrationLogic.propagateSegmentationThroughSequence).parameters
+    assert list(propagate)[:4] == ["self", "volumeSequence", "segmentation", "referenceFrame"]
 
 
 def test_bridge_uses_no_qt_and_no_application():
