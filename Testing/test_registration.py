@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from samir.encoders import SliceEncoder
 from samir.geometry import Volume
 from samir.intensity import normalize_intensity
 from samir.metrics import dice_per_label, mean_dice
@@ -51,14 +52,54 @@ def test_anisotropic_oblique_moving_is_registered_in_physical_space(demo_pair):
     assert after > before + 0.01, (before, after)
 
 
+class FeaturesOfAShiftedCopy(SliceEncoder):
+    """A real encoder whose features of a slice seen a second time (the moving image, encoded after an
+    identical fixed image) are its first features moved by ``shift`` feature pixels along the slice's last
+    axis: the features of a copy shifted by that much, without encoding it."""
+
+    def __init__(self, encoder: SliceEncoder, shift: int):
+        super().__init__()
+        self.encoder, self.shift, self.seen, self.encoded, self.shifted = encoder, shift, {}, 0, 0
+        self.name, self.input_size, self.stride = encoder.name, encoder.input_size, encoder.stride
+        self.out_channels = encoder.out_channels
+
+    def forward(self, x):
+        out = []
+        for one in x:
+            key = one.float().numpy().tobytes()
+            if key in self.seen:
+                out.append(torch.roll(self.seen[key], self.shift, dims=-1))
+                self.shifted += 1
+            else:
+                self.seen[key] = self.encoder(one[None])[0]
+                out.append(self.seen[key])
+                self.encoded += 1
+        return torch.stack(out)
+
+
 def test_feature_guided_zero_shot_runs_end_to_end_on_real_encoder_features(demo_pair):
-    """SAFE path: LiteMedSAM features of both images, shared PCA, coarse levels guided by them."""
-    result = register(demo_pair["fixed"], demo_pair["moving"],
-                      RegistrationOptions(preset="fast", use_features=True, optimizer={"feature_weight": 0.5}))
+    """SAFE path: LiteMedSAM features of both images, shared PCA, coarse levels guided by them. An image
+    registered to itself stays put on the images alone; guided by the features of a copy shifted by 3
+    feature pixels (2.8 voxels) along x, it moves towards that shift, which only the features say."""
+    from samir.encoders import build_encoder
+    fixed, brain = demo_pair["fixed"], demo_pair["fixed_seg"].array > 0
+    encoder = FeaturesOfAShiftedCopy(build_encoder("litemedsam"), shift=3)
+    stages = []
+    result = register(fixed, fixed, RegistrationOptions(
+        preset="fast", use_features=True, slicing_axis=0, slice_stride=16, alignment="none", use_cache=False,
+        optimizer={"feature_weight": 1.0, "iterations": (30, 30, 20), "finest_level": 2}),
+        encoder=encoder, progress=lambda stage, fraction: stages.append(stage))
     info = result.info
     assert info["encoder"] == {"encoder": "litemedsam", "input_size": 256, "feature_size": 64, "channels": 256}
-    assert info["slice_stride"] >= 1 and "encoder_s" in result.timings
-    assert np.isfinite(result.displacement.numpy()).all()
+    assert info["slice_stride"] == 16 and "encoder_s" in result.timings
+    # the fixed image's slices were encoded, the moving (identical) ones took the shifted features
+    assert encoder.encoded == encoder.shifted > 0 and stages.index("encode fixed") < stages.index("encode moving")
+    side = max(fixed.shape[1:])  # slices are padded to a square, encoded at 64 x 64 features
+    expected = encoder.shift * side / encoder.feature_size
+    u = result.displacement[0].numpy()
+    moved = [float(u[axis][brain].mean()) for axis in range(3)]
+    assert 0.6 * expected < moved[2] < 1.2 * expected, (expected, moved)
+    assert abs(moved[0]) < 0.3 and abs(moved[1]) < 0.3, moved
     assert result.folding_percent < 0.1
 
 
