@@ -23,11 +23,7 @@ def test_zero_shot_recovers_a_known_deformation_of_a_real_image(demo_pair):
     assert after > before + 0.05, (before, after)
     assert result.folding_percent < 0.1
     # inside the brain the recovered field approaches the inverse of the applied one
-    true_u = demo_pair["true_displacement"]
-    inverse = -true_u
-    for _ in range(20):
-        inverse = -warp(true_u, inverse)
-    inverse, found = inverse[0].numpy(), result.displacement[0].numpy()
+    inverse, found = true_inverse(demo_pair), result.displacement[0].numpy()
     brain = demo_pair["fixed_seg"].array > 0
     error_before = np.linalg.norm(inverse, axis=0)[brain].mean()
     error_after = np.linalg.norm(inverse - found, axis=0)[brain].mean()
@@ -249,37 +245,66 @@ def test_gaussian_smooth_takes_one_width_per_axis():
     assert torch.allclose(gaussian_smooth(z, 1.5), smoothed, atol=1e-6)
 
 
-def test_noisy_pair_is_smoothed_alike_and_regularised_more_at_the_fine_levels_and_registers_better(demo_pair):
-    fixed, moving, labels = demo_pair["fixed"], demo_pair["moving"], [1, 2]
-    m = moving.array.astype(np.float32)
-    rng = np.random.default_rng(1)
-    noisy = moving.with_array(m + 0.1 * (m.max() - m.min()) * rng.standard_normal(m.shape).astype(np.float32))
+def noisy_copy(volume, std_fraction=0.1, seed=1):
+    """``volume`` plus white noise of ``std_fraction`` of its intensity range."""
+    m = volume.array.astype(np.float32)
+    noise = np.random.default_rng(seed).standard_normal(m.shape).astype(np.float32)
+    return volume.with_array(m + std_fraction * (m.max() - m.min()) * noise)
 
-    def dice_of(result):
-        warped = warp_labels(demo_pair["moving_seg"], fixed, result.displacement_lps).array
-        return mean_dice(dice_per_label(demo_pair["fixed_seg"].array, warped, labels))
 
-    smoothed = register(fixed, noisy, RegistrationOptions(preset="fast"))
-    unsmoothed = register(fixed, noisy, RegistrationOptions(preset="fast", optimizer={
-        "noise_smoothing": False, "noise_smoothness_factor": 1.0}))
-    levels = smoothed.info["levels"]
-    assert 0.02 < levels[0]["noise_std"] < 0.1  # of the noisier image at full resolution, intensities in [0, 1]
-    assert levels[0]["noise_smoothing_mm"] == 0  # averaging over the coarse voxels removes the noise
-    assert levels[-1]["noise_smoothing_mm"] == 2.0  # capped at 2 mm: 4 mm voxels would blur away grey matter
-    assert not any(level["noise_smoothing_mm"] for level in unsmoothed.info["levels"])
-    assert dice_of(smoothed) > dice_of(unsmoothed) + 0.02, (dice_of(smoothed), dice_of(unsmoothed))  # 0.907, 0.877
+def test_noisy_pair_is_smoothed_alike_and_regularised_more_at_the_fine_levels(demo_pair):
+    """The per-level rules, which follow from the noise estimate before any optimisation step (so one step per
+    level shows them): smoothing and a raised diffusion weight where the noise is strong, none where it is not."""
+    fixed, moving = demo_pair["fixed"], demo_pair["moving"]
+
+    def levels(image, alignment="none", **optimizer):  # the noisy copies need no pre-alignment: they are not moved
+        return register(fixed, image, RegistrationOptions(preset="fast", alignment=alignment,
+                                                          optimizer={"iterations": (1,), **optimizer})).info
+
+    info = levels(noisy_copy(moving))
+    noisy, smoothness = info["levels"], info["optimizer"]["smoothness"]
+    assert 0.02 < noisy[0]["noise_std"] < 0.1  # of the noisier image at full resolution, intensities in [0, 1]
+    assert noisy[0]["noise_smoothing_mm"] == 0  # averaging over the coarse voxels removes the noise
+    assert noisy[-1]["noise_smoothing_mm"] == 2.0  # capped at 2 mm: 4 mm voxels would blur away grey matter
     # the noisy finest level leans on the diffusion prior more; the coarse one, whose noise is averaged away, does not
-    smoothness = smoothed.info["optimizer"]["smoothness"]
-    assert levels[0]["smoothness"] == pytest.approx(smoothness)
-    assert levels[-1]["smoothness"] > 2.5 * smoothness
-    constant = register(fixed, noisy, RegistrationOptions(preset="fast", optimizer={"noise_smoothness_factor": 1.0}))
-    assert all(level["smoothness"] == pytest.approx(smoothness) for level in constant.info["levels"])
-    assert constant.info["levels"][-1]["noise_smoothing_mm"] == 2.0
-    assert dice_of(smoothed) > dice_of(constant) + 0.008, (dice_of(smoothed), dice_of(constant))  # 0.907, 0.892
-    # the demo pair's own, milder noise is hardly smoothed: at most a fraction of the finest voxel
-    mild = register(fixed, moving, RegistrationOptions(preset="fast")).info["levels"]
+    assert noisy[0]["smoothness"] == pytest.approx(smoothness)
+    assert noisy[-1]["smoothness"] > 2.5 * smoothness
+    unsmoothed = levels(noisy_copy(moving), noise_smoothing=False, noise_smoothness_factor=1.0)["levels"]
+    assert not any(level["noise_smoothing_mm"] for level in unsmoothed)
+    constant = levels(noisy_copy(moving), noise_smoothness_factor=1.0)["levels"]
+    assert all(level["smoothness"] == pytest.approx(smoothness) for level in constant)
+    assert constant[-1]["noise_smoothing_mm"] == 2.0
+    # the demo pair's own, milder noise, once resampled by the rigid pre-alignment, is hardly smoothed: at most
+    # a fraction of the finest voxel
+    mild = levels(moving, alignment="rigid")["levels"]
     assert mild[-1]["noise_smoothing_mm"] < 1.0 and not any(level["noise_smoothing_mm"] for level in mild[:-1])
     assert all(level["smoothness"] == pytest.approx(smoothness) for level in mild[:-1])
+
+
+def true_inverse(demo_pair) -> np.ndarray:
+    """The field that undoes the demo pair's applied deformation, ``(3, D, H, W)`` voxels (fixed-point iteration)."""
+    true_u = demo_pair["true_displacement"]
+    inverse = -true_u
+    for _ in range(20):
+        inverse = -warp(true_u, inverse)
+    return inverse[0].numpy()
+
+
+@pytest.mark.slow
+def test_noisy_pair_registers_better_smoothed_and_regularised_more(demo_pair):
+    """10 % white noise on the moving image: the mean endpoint error in the brain against the true field is
+    0.35 voxel with the noise-adaptive smoothing and diffusion weight, 0.43 with the smoothing alone and 0.53
+    with neither (fast preset, MNI152 at 4 mm)."""
+    fixed, noisy = demo_pair["fixed"], noisy_copy(demo_pair["moving"])
+    inverse, brain = true_inverse(demo_pair), demo_pair["fixed_seg"].array > 0
+
+    def error(**optimizer):
+        found = register(fixed, noisy, RegistrationOptions(preset="fast", optimizer=optimizer)).displacement[0].numpy()
+        return float(np.linalg.norm(inverse - found, axis=0)[brain].mean())
+
+    adaptive, smoothing_only = error(), error(noise_smoothness_factor=1.0)
+    neither = error(noise_smoothing=False, noise_smoothness_factor=1.0)
+    assert adaptive < 0.9 * smoothing_only and smoothing_only < 0.9 * neither, (adaptive, smoothing_only, neither)
 
 
 def test_intensity_gain_recovers_a_smooth_bias_field_also_across_thick_slices():
@@ -302,17 +327,18 @@ def test_intensity_gain_recovers_a_smooth_bias_field_also_across_thick_slices():
 
 
 def test_bias_field_on_the_moving_image_is_absorbed_by_the_gain(demo_pair):
-    """A +-25 % bias field on the moving image: the squared difference with the fitted gain registers about as
-    well as NCC alone; without the gain it pulls structures to where the bias makes intensities agree."""
-    fixed, moving, labels = demo_pair["fixed"], demo_pair["moving"], [1, 2]
-    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in moving.shape), indexing="ij")
-    biased = moving.with_array((moving.array * np.exp(0.25 * y + 0.1 * z * x)).astype(np.float32))
+    """An image registered to itself times a +-25 % bias field: the right answer is no displacement. With a
+    strong squared-difference term (weight 2), the fitted gain absorbs the bias and the field stays within 0.11
+    voxel on average in the brain; without the gain the squared difference pulls structures to where the bias
+    makes intensities agree, 0.22 voxel."""
+    fixed, brain = demo_pair["fixed"], demo_pair["fixed_seg"].array > 0
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in fixed.shape), indexing="ij")
+    biased = fixed.with_array((fixed.array * np.exp(0.25 * y + 0.1 * z * x)).astype(np.float32))
 
-    def dice_of(**optimizer):
-        result = register(fixed, biased, RegistrationOptions(preset="fast", optimizer=optimizer))
-        warped = warp_labels(demo_pair["moving_seg"], fixed, result.displacement_lps).array
-        return mean_dice(dice_per_label(demo_pair["fixed_seg"].array, warped, labels))
+    def displacement(**optimizer):
+        result = register(fixed, biased, RegistrationOptions(preset="fast", alignment="none",
+                                                             optimizer={"ssd_weight": 2.0, **optimizer}))
+        return float(np.linalg.norm(result.displacement[0].numpy(), axis=0)[brain].mean())
 
-    with_gain, without_gain, ncc_only = dice_of(), dice_of(ssd_gain_sigma_mm=0.0), dice_of(ssd_weight=0.0)
-    assert with_gain > without_gain + 0.005, (with_gain, without_gain)
-    assert with_gain > ncc_only - 0.004, (with_gain, ncc_only)
+    with_gain, without_gain = displacement(), displacement(ssd_gain_sigma_mm=0.0)
+    assert with_gain < 0.7 * without_gain, (with_gain, without_gain)
