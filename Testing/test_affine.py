@@ -108,7 +108,11 @@ def test_composition_maps_each_fixed_point_through_the_field_then_the_affine():
     expected = through_field @ affine[:3, :3].T + affine[:3, 3]
     found = points + displacement_zyx_voxels_to_lps(total[0].numpy(), fixed)
     np.testing.assert_allclose(found, expected, atol=1e-4)
-    assert index_to_world(fixed).shape == (4, 4)
+    # the fixed points above are the voxel centres: array voxel [k, j, i] at origin + direction (i, j, k) * spacing
+    k, j, i = 5, 2, 7
+    by_hand = np.array(fixed.origin) + direction @ (np.array([i, j, k]) * np.array(fixed.spacing))
+    np.testing.assert_allclose(points[k, j, i], by_hand, atol=1e-9)
+    np.testing.assert_allclose(index_to_world(fixed) @ [i, j, k, 1.0], [*by_hand, 1.0], atol=1e-9)
 
 
 def test_alignment_grids_sample_the_volume_at_their_own_world_points():

@@ -7,8 +7,6 @@ registration runs here (the faults during a run are in test_faults.py).
 import locale
 import os
 import re
-import shutil
-import sys
 import zipfile
 from pathlib import Path
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from samir.encoders import SliceEncoder
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -73,13 +75,20 @@ def test_score_rejects_a_field_on_another_grid(small_case, tmp_path):
         harness.score(small_case, tmp_path)
 
 
-def test_samir_runs_through_its_command_line_and_is_scored(small_case, tmp_path):
+def test_samir_runs_through_its_command_line_and_is_scored(small_case, tmp_path, monkeypatch):
+    import types
+    clock = iter([100.0, 137.5])  # the harness's clock, read before and after the engine's process
+    monkeypatch.setattr(harness, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     row = harness.evaluate("samir:fast", small_case, tmp_path, threads=1)
     assert "error" not in row, row.get("error")
     before = harness.initial_scores(small_case)
     assert row["dice"] > before["dice"] + 0.05 and row["epe_mm"] < 0.6 * before["epe_mm"]
-    assert 0 < row["wall_s"] < row["process_s"] and row["peak_rss_mb"] > 100
-    assert row["stages_s"]["optimise"] > 0
+    # the row's timings are the process's (by the harness's clock) and the engine's own, less reading and writing
+    summary = json.loads((harness.method_dir(tmp_path, small_case, "samir:fast") / "summary.json").read_text())
+    stages = summary["timings_s"]
+    assert row["process_s"] == 37.5 and row["stages_s"] == stages and "optimise" in stages
+    assert row["wall_s"] == pytest.approx(stages["total"] - stages["write"] - stages["read"])
+    assert row["peak_rss_mb"] == summary["host_peak_rss_mb"] > 100
 
 
 def test_peer_runner_demons_in_the_same_interface(small_case, tmp_path, monkeypatch):
@@ -93,14 +102,53 @@ def test_peer_runner_demons_in_the_same_interface(small_case, tmp_path, monkeypa
     assert run["method"] == "demons" and run["wall_s"] > 0
 
 
-def test_gpu_script_code_path_on_cpu(tmp_path):
+class PatchEncoder(SliceEncoder):
+    """LiteMedSAM's interface (k = 256, 64 x 64 x 256 features) in one 4 x 4 convolution: 256 x 64 x 64 outputs of
+    3 x 4 x 4 multiply-adds each, 50,331,648 per slice."""
+    name, input_size, stride, out_channels = "litemedsam", 256, 4, 256
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 256, 4, stride=4, bias=False)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_gpu_script_code_path_on_cpu(tmp_path, monkeypatch):
+    """bench/gpu.py --quick on a CPU: every section runs and reports what its clock and counter measured. The
+    clock is injected (one second per reading), the encoder has a known multiply-add count, and the end-to-end
+    case is the ACDC-size pair on a coarser grid of the same field of view, so the check is cheap and exact."""
+    import types
     import gpu
+    import scaling
+    import samir.encoders
+    asked = []
+    monkeypatch.setattr(samir.encoders, "build_encoder", lambda *args, **kwargs: asked.append(args) or PatchEncoder())
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(gpu, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setitem(scaling.SIZES, "acdc", ((8, 48, 48), (10.0, 4.8, 4.8)))
     assert gpu.main(["--device", "cpu", "--quick", "--work", str(tmp_path / "work"), "--out", str(tmp_path)]) == 0
+    assert asked == [("litemedsam",)]
     data = json.loads((tmp_path / "gpu_quick_cpu.json").read_text())
-    assert data["encoder_info"]["macs_per_slice"] > 1e8
-    assert all(r["slices_per_s"] > 0 for r in data["encoder"])
-    assert data["end_to_end"][0]["seconds"] > 0
-    assert "quick check, not a measurement" in (tmp_path / "gpu_quick_cpu.md").read_text()
+    info = data["encoder_info"]
+    macs = 256 * 64 * 64 * 3 * 4 * 4
+    peak = 2 * 1024 ** 3 / 0.1  # a 1024 matmul, 10 repeats in one clock second
+    assert info["macs_per_slice"] == macs and info["peak_matmul_tflops"] == pytest.approx(peak / 1e12)
+    assert info["floor_slices_per_s"] == pytest.approx(peak / (2 * macs))  # 213.3
+    assert sorted((r["channels_last"], r["dtype"]) for r in data["encoder"]) == [
+        (False, "bf16"), (False, "fp32"), (True, "bf16"), (True, "fp32")]
+    for row in data["encoder"]:  # batch 2, one repeat in one clock second
+        assert (row["batch"], row["slices_per_s"]) == (2, 2.0)
+        assert row["fraction_of_floor"] == pytest.approx(2.0 / info["floor_slices_per_s"])
+    assert [(r["case"], r["forward_ms"]) for r in data["forward"]] == [("tiny", pytest.approx(1000 / 3))]  # 3 repeats
+    e2e, = data["end_to_end"]
+    assert (e2e["case"], e2e["configuration"], e2e["seconds"]) == ("acdc", "zero-shot fast", 1.0)
+    assert e2e["grid"] == "8x48x48 voxels at 10x4.8x4.8 mm" and e2e["optimise_s"] > 0
+    markdown = (tmp_path / "gpu_quick_cpu.md").read_text()
+    assert "quick check, not a measurement" in markdown and "0.05 GMAC per slice" in markdown
+    assert "floor 213 slices/s. Best: 2 slices/s" in markdown and "| tiny | 16x32x32 | 333.3 |" in markdown
+    assert "| acdc | 8x48x48 voxels at 10x4.8x4.8 mm | zero-shot fast | 1.000 |" in markdown
 
 
 def test_samir_variants_name_their_preset_and_options():
@@ -156,11 +204,14 @@ def test_a_peer_output_is_reused_only_for_byte_identical_inputs(small_case, tmp_
     work = tmp_path / "work"
     assert not harness.evaluate("demons", case, work, 1, reuse_peers=True).get("reused")
     assert len(calls) == 1
+    import os
+    import time
+    made = time.mktime((2001, 2, 3, 4, 5, 0, 0, 0, -1))  # the earlier run's output, 2001-02-03 04:05 local time
+    os.utime(harness.method_dir(work, case, "demons") / "run.json", (made, made))
     reused = harness.evaluate("demons", case, work, 1, reuse_peers=True)
     assert reused["reused"] and len(calls) == 1
-    import time
     note = harness.reused_note([reused])
-    assert reused["name"].endswith(" *") and time.strftime("%Y-%m-%d") in note[0]
+    assert reused["name"].endswith(" *") and "made 2001-02-03 04:05 (" in note[0]
     assert not harness.evaluate("demons", case, work, 1).get("reused") and len(calls) == 2  # no reuse asked
     moving = case.moving.read_bytes()
     case.moving.write_bytes(moving[:-1] + bytes([moving[-1] ^ 1]))  # same name, other content

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from samir.encoders import SliceEncoder
 from samir.geometry import Volume
 from samir.intensity import normalize_intensity
 from samir.metrics import dice_per_label, mean_dice
@@ -23,11 +24,7 @@ def test_zero_shot_recovers_a_known_deformation_of_a_real_image(demo_pair):
     assert after > before + 0.05, (before, after)
     assert result.folding_percent < 0.1
     # inside the brain the recovered field approaches the inverse of the applied one
-    true_u = demo_pair["true_displacement"]
-    inverse = -true_u
-    for _ in range(20):
-        inverse = -warp(true_u, inverse)
-    inverse, found = inverse[0].numpy(), result.displacement[0].numpy()
+    inverse, found = true_inverse(demo_pair), result.displacement[0].numpy()
     brain = demo_pair["fixed_seg"].array > 0
     error_before = np.linalg.norm(inverse, axis=0)[brain].mean()
     error_after = np.linalg.norm(inverse - found, axis=0)[brain].mean()
@@ -52,14 +49,54 @@ def test_anisotropic_oblique_moving_is_registered_in_physical_space(demo_pair):
     assert after > before + 0.01, (before, after)
 
 
+class FeaturesOfAShiftedCopy(SliceEncoder):
+    """A real encoder whose features of a slice seen a second time (the moving image, encoded after an
+    identical fixed image) are its first features moved by ``shift`` feature pixels along the slice's last
+    axis: the features of a copy shifted by that much, without encoding it."""
+
+    def __init__(self, encoder: SliceEncoder, shift: int):
+        super().__init__()
+        self.encoder, self.shift, self.seen, self.encoded, self.shifted = encoder, shift, {}, 0, 0
+        self.name, self.input_size, self.stride = encoder.name, encoder.input_size, encoder.stride
+        self.out_channels = encoder.out_channels
+
+    def forward(self, x):
+        out = []
+        for one in x:
+            key = one.float().numpy().tobytes()
+            if key in self.seen:
+                out.append(torch.roll(self.seen[key], self.shift, dims=-1))
+                self.shifted += 1
+            else:
+                self.seen[key] = self.encoder(one[None])[0]
+                out.append(self.seen[key])
+                self.encoded += 1
+        return torch.stack(out)
+
+
 def test_feature_guided_zero_shot_runs_end_to_end_on_real_encoder_features(demo_pair):
-    """SAFE path: LiteMedSAM features of both images, shared PCA, coarse levels guided by them."""
-    result = register(demo_pair["fixed"], demo_pair["moving"],
-                      RegistrationOptions(preset="fast", use_features=True, optimizer={"feature_weight": 0.5}))
+    """SAFE path: LiteMedSAM features of both images, shared PCA, coarse levels guided by them. An image
+    registered to itself stays put on the images alone; guided by the features of a copy shifted by 3
+    feature pixels (2.8 voxels) along x, it moves towards that shift, which only the features say."""
+    from samir.encoders import build_encoder
+    fixed, brain = demo_pair["fixed"], demo_pair["fixed_seg"].array > 0
+    encoder = FeaturesOfAShiftedCopy(build_encoder("litemedsam"), shift=3)
+    stages = []
+    result = register(fixed, fixed, RegistrationOptions(
+        preset="fast", use_features=True, slicing_axis=0, slice_stride=16, alignment="none", use_cache=False,
+        optimizer={"feature_weight": 1.0, "iterations": (30, 30, 20), "finest_level": 2}),
+        encoder=encoder, progress=lambda stage, fraction: stages.append(stage))
     info = result.info
     assert info["encoder"] == {"encoder": "litemedsam", "input_size": 256, "feature_size": 64, "channels": 256}
-    assert info["slice_stride"] >= 1 and "encoder_s" in result.timings
-    assert np.isfinite(result.displacement.numpy()).all()
+    assert info["slice_stride"] == 16 and "encoder_s" in result.timings
+    # the fixed image's slices were encoded, the moving (identical) ones took the shifted features
+    assert encoder.encoded == encoder.shifted > 0 and stages.index("encode fixed") < stages.index("encode moving")
+    side = max(fixed.shape[1:])  # slices are padded to a square, encoded at 64 x 64 features
+    expected = encoder.shift * side / encoder.feature_size
+    u = result.displacement[0].numpy()
+    moved = [float(u[axis][brain].mean()) for axis in range(3)]
+    assert 0.6 * expected < moved[2] < 1.2 * expected, (expected, moved)
+    assert abs(moved[0]) < 0.3 and abs(moved[1]) < 0.3, moved
     assert result.folding_percent < 0.1
 
 
@@ -146,7 +183,6 @@ def test_full_resolution_velocity_resolves_finer_detail(demo_pair):
 def test_increment_regularisation_keeps_the_coarser_field(demo_pair):
     """With the images already aligned by the initial field, a strongly regularised level leaves that field
     alone when only its own increment is penalised, and erodes it when the whole field is."""
-    import torch
     from samir.demo import random_smooth_displacement
     from samir.zeroshot import OptimizerSettings, optimize_pyramid
     from samir.spatial import resize_volume
@@ -209,37 +245,67 @@ def test_gaussian_smooth_takes_one_width_per_axis():
     assert torch.allclose(gaussian_smooth(z, 1.5), smoothed, atol=1e-6)
 
 
-def test_noisy_pair_is_smoothed_alike_and_regularised_more_at_the_fine_levels_and_registers_better(demo_pair):
-    fixed, moving, labels = demo_pair["fixed"], demo_pair["moving"], [1, 2]
-    m = moving.array.astype(np.float32)
-    rng = np.random.default_rng(1)
-    noisy = moving.with_array(m + 0.1 * (m.max() - m.min()) * rng.standard_normal(m.shape).astype(np.float32))
+def noisy_copy(volume, std_fraction=0.1, seed=1):
+    """``volume`` plus white noise of ``std_fraction`` of its intensity range."""
+    m = volume.array.astype(np.float32)
+    noise = np.random.default_rng(seed).standard_normal(m.shape).astype(np.float32)
+    return volume.with_array(m + std_fraction * (m.max() - m.min()) * noise)
 
-    def dice_of(result):
-        warped = warp_labels(demo_pair["moving_seg"], fixed, result.displacement_lps).array
-        return mean_dice(dice_per_label(demo_pair["fixed_seg"].array, warped, labels))
 
-    smoothed = register(fixed, noisy, RegistrationOptions(preset="fast"))
-    unsmoothed = register(fixed, noisy, RegistrationOptions(preset="fast", optimizer={
-        "noise_smoothing": False, "noise_smoothness_factor": 1.0}))
-    levels = smoothed.info["levels"]
-    assert 0.02 < levels[0]["noise_std"] < 0.1  # of the noisier image at full resolution, intensities in [0, 1]
-    assert levels[0]["noise_smoothing_mm"] == 0  # averaging over the coarse voxels removes the noise
-    assert levels[-1]["noise_smoothing_mm"] == 2.0  # capped at 2 mm: 4 mm voxels would blur away grey matter
-    assert not any(level["noise_smoothing_mm"] for level in unsmoothed.info["levels"])
-    assert dice_of(smoothed) > dice_of(unsmoothed) + 0.02, (dice_of(smoothed), dice_of(unsmoothed))  # 0.907, 0.877
+def test_noisy_pair_is_smoothed_alike_and_regularised_more_at_the_fine_levels(demo_pair):
+    """The per-level rules, which follow from the noise estimate before any optimisation step (so one step per
+    level shows them): smoothing and a raised diffusion weight where the noise is strong, none where it is not."""
+    fixed, moving = demo_pair["fixed"], demo_pair["moving"]
+
+    def levels(image, alignment="none", **optimizer):  # the noisy copies need no pre-alignment: they are not moved
+        return register(fixed, image, RegistrationOptions(preset="fast", alignment=alignment,
+                                                          optimizer={"iterations": (1,), **optimizer})).info
+
+    info = levels(noisy_copy(moving))
+    noisy, smoothness = info["levels"], info["optimizer"]["smoothness"]
+    assert 0.02 < noisy[0]["noise_std"] < 0.1  # of the noisier image at full resolution, intensities in [0, 1]
+    assert noisy[0]["noise_smoothing_mm"] == 0  # averaging over the coarse voxels removes the noise
+    assert noisy[-1]["noise_smoothing_mm"] == 2.0  # capped at 2 mm: 4 mm voxels would blur away grey matter
     # the noisy finest level leans on the diffusion prior more; the coarse one, whose noise is averaged away, does not
-    smoothness = smoothed.info["optimizer"]["smoothness"]
-    assert levels[0]["smoothness"] == pytest.approx(smoothness)
-    assert levels[-1]["smoothness"] > 2.5 * smoothness
-    constant = register(fixed, noisy, RegistrationOptions(preset="fast", optimizer={"noise_smoothness_factor": 1.0}))
-    assert all(level["smoothness"] == pytest.approx(smoothness) for level in constant.info["levels"])
-    assert constant.info["levels"][-1]["noise_smoothing_mm"] == 2.0
-    assert dice_of(smoothed) > dice_of(constant) + 0.008, (dice_of(smoothed), dice_of(constant))  # 0.907, 0.892
-    # the demo pair's own, milder noise is hardly smoothed: at most a fraction of the finest voxel
-    mild = register(fixed, moving, RegistrationOptions(preset="fast")).info["levels"]
+    assert noisy[0]["smoothness"] == pytest.approx(smoothness)
+    assert noisy[-1]["smoothness"] > 2.5 * smoothness
+    unsmoothed = levels(noisy_copy(moving), noise_smoothing=False, noise_smoothness_factor=1.0)["levels"]
+    assert not any(level["noise_smoothing_mm"] for level in unsmoothed)
+    constant = levels(noisy_copy(moving), noise_smoothness_factor=1.0)["levels"]
+    assert all(level["smoothness"] == pytest.approx(smoothness) for level in constant)
+    assert constant[-1]["noise_smoothing_mm"] == 2.0
+    # the demo pair's own, milder noise, once resampled by the rigid pre-alignment, is hardly smoothed: at most
+    # a fraction of the finest voxel
+    mild = levels(moving, alignment="rigid")["levels"]
     assert mild[-1]["noise_smoothing_mm"] < 1.0 and not any(level["noise_smoothing_mm"] for level in mild[:-1])
     assert all(level["smoothness"] == pytest.approx(smoothness) for level in mild[:-1])
+
+
+def true_inverse(demo_pair) -> np.ndarray:
+    """The field that undoes the demo pair's applied deformation, ``(3, D, H, W)`` voxels (fixed-point iteration)."""
+    true_u = demo_pair["true_displacement"]
+    inverse = -true_u
+    for _ in range(20):
+        inverse = -warp(true_u, inverse)
+    return inverse[0].numpy()
+
+
+@pytest.mark.slow
+def test_noisy_pair_registers_better_smoothed_and_regularised_more(demo_pair):
+    """10 % white noise on the moving image: the mean endpoint error in the brain against the true field is
+    0.35 voxel with the noise-adaptive smoothing and diffusion weight, 0.43 with the smoothing alone and 0.54
+    with neither (fast preset, MNI152 at 4 mm; no pre-alignment, which would resample away part of the noise)."""
+    fixed, noisy = demo_pair["fixed"], noisy_copy(demo_pair["moving"])
+    inverse, brain = true_inverse(demo_pair), demo_pair["fixed_seg"].array > 0
+
+    def error(**optimizer):
+        options = RegistrationOptions(preset="fast", alignment="none", optimizer=optimizer)
+        found = register(fixed, noisy, options).displacement[0].numpy()
+        return float(np.linalg.norm(inverse - found, axis=0)[brain].mean())
+
+    adaptive, smoothing_only = error(), error(noise_smoothness_factor=1.0)
+    neither = error(noise_smoothing=False, noise_smoothness_factor=1.0)
+    assert adaptive < 0.9 * smoothing_only and smoothing_only < 0.9 * neither, (adaptive, smoothing_only, neither)
 
 
 def test_intensity_gain_recovers_a_smooth_bias_field_also_across_thick_slices():
@@ -262,17 +328,18 @@ def test_intensity_gain_recovers_a_smooth_bias_field_also_across_thick_slices():
 
 
 def test_bias_field_on_the_moving_image_is_absorbed_by_the_gain(demo_pair):
-    """A +-25 % bias field on the moving image: the squared difference with the fitted gain registers about as
-    well as NCC alone; without the gain it pulls structures to where the bias makes intensities agree."""
-    fixed, moving, labels = demo_pair["fixed"], demo_pair["moving"], [1, 2]
-    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in moving.shape), indexing="ij")
-    biased = moving.with_array((moving.array * np.exp(0.25 * y + 0.1 * z * x)).astype(np.float32))
+    """An image registered to itself times a +-25 % bias field: the right answer is no displacement. With a
+    strong squared-difference term (weight 2), the fitted gain absorbs the bias and the field stays within 0.11
+    voxel on average in the brain; without the gain the squared difference pulls structures to where the bias
+    makes intensities agree, 0.22 voxel."""
+    fixed, brain = demo_pair["fixed"], demo_pair["fixed_seg"].array > 0
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in fixed.shape), indexing="ij")
+    biased = fixed.with_array((fixed.array * np.exp(0.25 * y + 0.1 * z * x)).astype(np.float32))
 
-    def dice_of(**optimizer):
-        result = register(fixed, biased, RegistrationOptions(preset="fast", optimizer=optimizer))
-        warped = warp_labels(demo_pair["moving_seg"], fixed, result.displacement_lps).array
-        return mean_dice(dice_per_label(demo_pair["fixed_seg"].array, warped, labels))
+    def displacement(**optimizer):
+        result = register(fixed, biased, RegistrationOptions(preset="fast", alignment="none",
+                                                             optimizer={"ssd_weight": 2.0, **optimizer}))
+        return float(np.linalg.norm(result.displacement[0].numpy(), axis=0)[brain].mean())
 
-    with_gain, without_gain, ncc_only = dice_of(), dice_of(ssd_gain_sigma_mm=0.0), dice_of(ssd_weight=0.0)
-    assert with_gain > without_gain + 0.005, (with_gain, without_gain)
-    assert with_gain > ncc_only - 0.004, (with_gain, ncc_only)
+    with_gain, without_gain = displacement(), displacement(ssd_gain_sigma_mm=0.0)
+    assert with_gain < 0.7 * without_gain, (with_gain, without_gain)

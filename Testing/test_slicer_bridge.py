@@ -18,7 +18,6 @@ from SAMIRRegistrationLib.engine_runner import EngineOutputs, EngineRun, EngineS
 from SAMIRRegistrationLib.registration import PairRegistrationTask
 from SAMIRRegistrationLib.sequences import SequencePropagationTask, propagation_plan
 from slicer_test_support import (
-    PHANTOM_SPACING,
     dice,
     ellipsoid_labels,
     new_scene,
@@ -515,12 +514,14 @@ def test_sequence_task_rejects_a_bad_reference_frame_without_touching_the_scene(
     frame_volume = volumes.volume_from_node(sequence.GetNthDataNode(0))
     segmentation = segmentation_from_labels(scene, frame_volume.with_array(masks[0].astype(np.uint8)), "ventricle")
     before = node_ids(scene)
-    with pytest.raises(SAMIRInputError, match="outside the sequence"):
-        SequencePropagationTask(sequence, segmentation, 5)
+    for outside in (2, 5, -1):  # frames 0 and 1 only
+        with pytest.raises(SAMIRInputError, match="outside the sequence"):
+            SequencePropagationTask(sequence, segmentation, outside)
     with pytest.raises(SAMIRInputError, match="not a sequence node"):
         SequencePropagationTask(segmentation, segmentation, 0)
     assert node_ids(scene) == before
-    assert PHANTOM_SPACING == tuple(frame_volume.spacing)
+    assert SequencePropagationTask(sequence, segmentation, 1).plan  # the same inputs with a frame inside are taken
+    assert node_ids(scene) == before
 
 
 def test_sequence_propagation_can_give_one_segmentation_node_per_frame(scene):

@@ -1,4 +1,5 @@
 import math
+import statistics
 
 import pytest
 import torch
@@ -97,9 +98,23 @@ def test_folding_detected_for_reflection():
 
 
 def test_sdlogj_matches_learn2reg_definition():
-    jac = torch.rand(1, 10, 10, 10) * 2
-    cropped = jac[..., 2:-2, 2:-2, 2:-2]
-    assert sdlogj(jac) == pytest.approx(float(torch.log((cropped + 3).clamp(1e-9, 1e9)).std()))
+    """Learn2Reg: the std of log(clip(J + 3, 1e-9, 1e9)) over the Jacobian cropped by 2 voxels per side."""
+    # u_d = c d^2 / 2 has J = 1 + c d exactly (central differences are exact on a quadratic): on the
+    # cropped slices d = 2..21, log(J + 3) = log(4 + c d), so SDlogJ is the spread of those 20 numbers
+    c, shape = 0.04, (24, 12, 12)
+    d = torch.arange(shape[0], dtype=torch.float32).view(-1, 1, 1).expand(shape)
+    u = torch.zeros((1, 3, *shape))
+    u[0, 0] = c * d ** 2 / 2
+    expected = statistics.pstdev(math.log(4 + c * k) for k in range(2, 22))
+    assert sdlogj(jacobian_determinant(u)) == pytest.approx(expected, rel=2e-3)  # 0.0518
+    # (log J without the + 3 gives 0.161, the uncropped field 0.062, a scaling 0: none is within 0.2 %)
+    scaling = jacobian_determinant(0.1 * torch.stack(ramp(shape))[None])
+    assert sdlogj(scaling) < 1e-6
+    # J <= -3 is clipped to 1e-9 before the log; the 2-voxel border is left out: half the cropped voxels at
+    # J = -5 (log 1e-9 = -20.72), half at J = 1 (log 4), and a border that would dominate if it were kept
+    jac = torch.full((1, 24, 24, 24), 1000.0)
+    jac[:, 2:12, 2:-2, 2:-2], jac[:, 12:22, 2:-2, 2:-2] = -5.0, 1.0
+    assert sdlogj(jac) == pytest.approx((math.log(4.0) - math.log(1e-9)) / 2, rel=2e-3)  # 11.05
 
 
 def test_resize_field_rescales_to_voxels_of_the_new_grid():
