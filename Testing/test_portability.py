@@ -29,7 +29,7 @@ BLOCKER = textwrap.dedent(f"""
 """)
 
 
-def run_python(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_python(code: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter without the POSIX-only modules. psutil is imported first: its
     Linux back end needs ``resource``, its Windows one does not."""
     env = dict(os.environ, PYTHONPATH=str(REPOSITORY / "SAMIRRegistration"))
@@ -92,17 +92,17 @@ ALLOCATE = """
 
 def test_peak_rss_is_in_megabytes_with_getrusage():
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(ALLOCATE)], capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(REPOSITORY / "SAMIRRegistration")), timeout=300)
+                            env=dict(os.environ, PYTHONPATH=str(REPOSITORY / "SAMIRRegistration")), timeout=900)
     assert result.returncode == 0, result.stderr
     peak = float(result.stdout.strip())
     # the 300 MB block plus an interpreter with torch-free numpy: a unit mistake (bytes/kB) is off 1000x
-    assert 300 <= peak < 1500
+    assert 300 <= peak < 4000
 
 
 def test_peak_rss_without_resource_comes_from_psutil_in_megabytes():
     result = run_python(ALLOCATE)
     assert result.returncode == 0, result.stderr
-    assert 300 <= float(result.stdout.strip()) < 1500
+    assert 300 <= float(result.stdout.strip()) < 4000
 
 
 def test_ru_maxrss_is_bytes_on_macos_and_kilobytes_elsewhere():

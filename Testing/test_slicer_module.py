@@ -343,7 +343,7 @@ def run_module_import(code: str, tmp_path) -> subprocess.CompletedProcess:
         patch = pytest.MonkeyPatch()
         standin.install(patch, __import__("pathlib").Path({str(tmp_path)!r}))
     """) + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
 
 
