@@ -56,6 +56,7 @@ def test_a_rotated_and_shifted_scan_is_found_in_either_contrast(demo_pair, contr
     assert abs(result.describe()["rotation_deg"] - 14) < 1.0
 
 
+@pytest.mark.slow
 def test_scans_whose_origins_disagree_are_found_from_their_centres_and_registered(demo_pair):
     fixed, fixed_seg = demo_pair["fixed"], demo_pair["fixed_seg"]
     far = rigid_map(6, (0, 0, 1), (180, -240, 90), brain_centre(demo_pair))  # no overlap at all as placed
@@ -71,6 +72,7 @@ def test_scans_whose_origins_disagree_are_found_from_their_centres_and_registere
     assert result.folding_percent < 0.1
 
 
+@pytest.mark.slow
 def test_alignment_gains_over_the_deformable_stage_alone_on_a_rotated_deformed_scan(demo_pair):
     fixed, fixed_seg = demo_pair["fixed"], demo_pair["fixed_seg"]
     tilt = rigid_map(15, (0.3, 1, 0), (6, 9, -5), brain_centre(demo_pair))

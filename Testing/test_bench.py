@@ -75,6 +75,7 @@ def test_score_rejects_a_field_on_another_grid(small_case, tmp_path):
         harness.score(small_case, tmp_path)
 
 
+@pytest.mark.slow
 def test_samir_runs_through_its_command_line_and_is_scored(small_case, tmp_path, monkeypatch):
     import types
     clock = iter([100.0, 137.5])  # the harness's clock, read before and after the engine's process
@@ -218,6 +219,7 @@ def test_a_peer_output_is_reused_only_for_byte_identical_inputs(small_case, tmp_
     assert not harness.evaluate("demons", case, work, 1, reuse_peers=True).get("reused") and len(calls) == 3
 
 
+@pytest.mark.slow
 def test_synthetic_case_is_consistent_with_its_true_field(tmp_path):
     """MNI152 at 1 mm warped and block-averaged to 2 mm: the true field carries the moving labels and image
     back onto the fixed ones (up to nearest-neighbour label sampling and the 2 mm averaging)."""

@@ -64,6 +64,7 @@ def two_process_run(tmp_path_factory):
     return out, ranks
 
 
+@pytest.mark.slow
 def test_two_process_gloo_training_and_its_checkpoint(two_process_run):
     from samir.checkpoint import load_model
     out, ranks = two_process_run

@@ -142,6 +142,7 @@ def small_pair(demo_pair):
     return demo_pair
 
 
+@pytest.mark.slow
 def test_network_mode_and_refinement_from_a_poor_initial_field(demo_pair, tmp_path):
     """A network whose field is poor (random heads); refinement from it improves the loss and Dice."""
     net, reduction = random_model(scale=0.3, seed=4)
@@ -185,6 +186,7 @@ def test_network_mode_options_are_checked(tmp_path):
     assert options.network == str(path) and options.encoder_weights is None and options.refine_iterations == 5
 
 
+@pytest.mark.slow
 def test_cli_network_mode_end_to_end(demo_files, tmp_path):
     """Through the command line with the real LiteMedSAM encoder, on a few slices."""
     net, reduction = random_model(scale=0.0)  # identity network: checks plumbing, not accuracy

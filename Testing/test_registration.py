@@ -31,6 +31,7 @@ def test_zero_shot_recovers_a_known_deformation_of_a_real_image(demo_pair):
     assert error_after < 0.7 * error_before, (error_before, error_after)
 
 
+@pytest.mark.slow
 def test_anisotropic_oblique_moving_is_registered_in_physical_space(demo_pair):
     fixed, fixed_seg = demo_pair["fixed"], demo_pair["fixed_seg"]
     a = np.radians(8)
@@ -100,6 +101,7 @@ def test_feature_guided_zero_shot_runs_end_to_end_on_real_encoder_features(demo_
     assert result.folding_percent < 0.1
 
 
+@pytest.mark.slow
 def test_reversed_contrast_is_detected_and_registered_with_mind():
     """T2-like moving (tissue order reversed inside the head, MNI152 at 2 mm): auto picks MIND-SSC and
     aligns it, where local NCC matches structures onto the wrong ones."""
@@ -135,6 +137,7 @@ def _mni_pair_tensors(demo_pair):
     return fixed, moving, tuple(demo_pair["fixed"].spacing_zyx)
 
 
+@pytest.mark.slow
 def test_full_resolution_stage_compares_images_at_full_resolution(demo_pair):
     """Velocity kept on the finest optimised grid, similarity on the full grid: better full-resolution NCC."""
     import torch
@@ -152,6 +155,7 @@ def test_full_resolution_stage_compares_images_at_full_resolution(demo_pair):
     assert ncc(u_full) < ncc(u_half) - 0.005, (ncc(u_half), ncc(u_full))
 
 
+@pytest.mark.slow
 def test_full_resolution_velocity_resolves_finer_detail(demo_pair):
     """The last stage's velocity on the full grid, integrated in fewer squaring steps, follows detail the
     half-resolution velocity cannot: a displacement ripple 4 voxels long is undone, the field stays invertible."""
@@ -199,6 +203,7 @@ def test_increment_regularisation_keeps_the_coarser_field(demo_pair):
     assert change(kept) < 0.5 * change(eroded), (change(kept), change(eroded))
 
 
+@pytest.mark.slow
 def test_gamma_changed_moving_is_mapped_onto_the_fixed_intensities(demo_pair):
     """Same contrast, another intensity response (gamma 2): local NCC alone loses part of the alignment.
     The default joint intensity map (fitted after the coarse level) and the opt-in histogram matching
@@ -252,6 +257,7 @@ def noisy_copy(volume, std_fraction=0.1, seed=1):
     return volume.with_array(m + std_fraction * (m.max() - m.min()) * noise)
 
 
+@pytest.mark.slow
 def test_noisy_pair_is_smoothed_alike_and_regularised_more_at_the_fine_levels(demo_pair):
     """The per-level rules, which follow from the noise estimate before any optimisation step (so one step per
     level shows them): smoothing and a raised diffusion weight where the noise is strong, none where it is not."""
@@ -327,6 +333,7 @@ def test_intensity_gain_recovers_a_smooth_bias_field_also_across_thick_slices():
     assert torch.allclose(smooth_intensity_gain(image, image, (2.0, 2.0, 2.0), 10.0), torch.ones_like(image), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bias_field_on_the_moving_image_is_absorbed_by_the_gain(demo_pair):
     """An image registered to itself times a +-25 % bias field: the right answer is no displacement. With a
     strong squared-difference term (weight 2), the fitted gain absorbs the bias and the field stays within 0.11

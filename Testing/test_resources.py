@@ -61,6 +61,7 @@ class OOMOnLargeBatches(SliceEncoder):
         return F.avg_pool2d(x[:, :1], self.stride).repeat(1, self.out_channels, 1, 1)
 
 
+@pytest.mark.slow
 def test_registration_reports_the_encoder_batch_fallback(demo_pair):
     result = register(demo_pair["fixed"], demo_pair["moving"],
                       RegistrationOptions(preset="fast", use_features=True, encoder_batch_size=8, slice_stride=8,
@@ -132,6 +133,7 @@ def test_too_large_for_the_host_is_refused_with_the_estimate_and_nothing_written
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_results_on_cpu(demo_pair):
     options = dict(preset="fast", device="cpu", seed=7, use_features=True, slice_stride=8,
                    optimizer={"iterations": (15, 15), "levels": 3, "finest_level": 2})

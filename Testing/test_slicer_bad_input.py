@@ -129,7 +129,7 @@ def test_a_cut_off_network_checkpoint_fails_in_the_engine_and_the_scene_is_uncha
     before = node_ids(scene)
     log = []
     task = PairRegistrationTask(fixed, moving, output_transform=output,
-                                settings=EngineSettings(**dict(QUICK, mode="network", network_weights=str(checkpoint))),
+                                settings=EngineSettings(**dict(QUICK, mode="network", network=str(checkpoint))),
                                 engine_run_factory=subprocess_engine_runs(python_executable=sys.executable,
                                                                           work_folder=tmp_path),
                                 on_log=log.append)

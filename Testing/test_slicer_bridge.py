@@ -423,9 +423,9 @@ def test_bad_inputs_raise_before_anything_runs_and_leave_the_scene_as_it_was(sce
         (dict(fixed_node=fixed, moving_node=moving, output_volume=fixed), "also an input"),
         (dict(fixed_node=fixed, moving_node=moving, moving_segmentation=empty_segmentation), "no segments"),
         (dict(fixed_node=fixed, moving_node=moving, output_volume=output, settings=EngineSettings(mode="network")),
-         "needs a SAMIR network checkpoint"),
+         "needs a trained SAMIR network checkpoint"),
         (dict(fixed_node=fixed, moving_node=moving, output_volume=output, settings=EngineSettings(preset="slow")),
-         "unknown preset"),
+         "preset: unknown value .slow."),
     ]
     for arguments, message in cases:
         with pytest.raises(SAMIRInputError, match=message):

@@ -257,6 +257,7 @@ def test_engine_side_error_is_reported_and_the_scene_is_unchanged(scene, engine_
     assert output.GetTransformFromParent() is transform_before and transform_before.GetMTime() == modified_before
 
 
+@pytest.mark.slow
 def test_segmentation_propagates_through_a_beating_4d_phantom(scene, engine_runs):
     scales = phantom_scales(4)  # 1.16 (diastole), 1.08, 1.0 (systole), 1.08
     sequence, masks = phantom_sequence(scene, scales)
