@@ -1,4 +1,4 @@
-"""Training and evaluation commands: ``samir features | train | evaluate | register-batch``.
+"""Training and evaluation commands: ``samir features | train | train-head | evaluate | register-batch``.
 
 Each command is a :class:`Command` (help, its arguments, what it runs); :mod:`samir.cli` puts these
 beside its own in the one command table it dispatches from. This module does not import the CLI.
@@ -188,11 +188,51 @@ def run_register_batch(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+
+def _add_train_head_arguments(parser: argparse.ArgumentParser) -> None:
+    from .head_training import COLIN27_FOLDER, HeadTrainingSettings
+    defaults = HeadTrainingSettings()
+    parser.add_argument("--out", required=True, type=Path, help="the head file to write (.pt)")
+    parser.add_argument("--colin27", type=Path, default=COLIN27_FOLDER,
+                        help="folder with Colin27's ch2.nii.gz and aal.nii.gz (Debian mricron-data; default %(default)s)")
+    parser.add_argument("--bank", type=Path, help="folder caching the encoded training views (reused when the"
+                                                 " recipe is the same; default: none, encode every view)")
+    parser.add_argument("--anchors", type=int, default=3, help="anchor views per anatomy (default %(default)s)")
+    parser.add_argument("--warped", type=int, default=6, help="warped views per anatomy (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of views and training (default %(default)s)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+
+
+def run_train_head(args: argparse.Namespace) -> int:
+    import torch
+    from .encoders import build_encoder
+    from .head_training import HeadTrainingSettings, build_bank, load_anatomies, save_head, train_head
+    if not (args.colin27 / "ch2.nii.gz").is_file() or not (args.colin27 / "aal.nii.gz").is_file():
+        raise SAMIRInputError(f"Colin27 not found: {args.colin27} has no ch2.nii.gz and aal.nii.gz (install Debian's"
+                              " mricron-data, or give its templates folder with --colin27)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = logging.getLogger("samir")
+    settings = HeadTrainingSettings(steps=args.steps, seed=args.seed)
+    anatomies = load_anatomies(args.colin27)
+    views = build_bank(anatomies, build_encoder("litemedsam"), torch.device("cpu"), args.anchors, args.warped,
+                       args.seed, args.bank, progress=log.info)
+    head = train_head(views, settings, progress=lambda step, loss: log.info("step %d: loss %.3f", step, loss))
+    recipe = {"anatomies": [a.name for a in anatomies], "anchors": args.anchors, "warped": args.warped,
+              "steps": args.steps, "seed": args.seed}
+    digest = save_head(head, args.out, "litemedsam", recipe)
+    print(f"wrote {args.out} (SHA-256 {digest})")
+    return 0
+
+
 TRAINING_COMMANDS: Dict[str, Command] = {
     "features": Command("precompute the encoder features of a dataset into the feature cache",
                         _add_features_arguments, run_features, logging.INFO),
     "train": Command("train a SAMIR network (head + PDFP) as a configuration file says", _add_train_arguments,
                      run_train, logging.INFO),
+    "train-head": Command("train the SAFE head (contrast-invariant descriptors from the frozen encoder)",
+                          _add_train_head_arguments, run_train_head, logging.INFO),
     "evaluate": Command("Dice, HD95, SDlogJ, folding, runtime of trained networks and baselines",
                         _add_evaluate_arguments, run_evaluate, logging.INFO),
     "register-batch": Command("register the pairs of a CSV/JSON file (spread over torchrun ranks)",

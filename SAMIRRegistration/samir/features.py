@@ -194,23 +194,42 @@ def _level_coordinates(full: int, level: int) -> torch.Tensor:
     return (torch.arange(level, dtype=torch.float32) + 0.5) * full / level - 0.5
 
 
-def sample_features(features: SliceFeatures, level_shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Features on a (cell-centred) level grid covering the volume: ``(1, C, D_l, H_l, W_l)``."""
-    feats = features.features
-    n, f = feats.shape[0], feats.shape[-1]
-    coords = []
+def _stack_grid(features: SliceFeatures, coords: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``grid_sample`` coordinates, last axis ordered (f2, f1, slice), of volume voxel coordinates given per
+    volume axis (three tensors of one shape) in the feature stack ``(C, N, f, f)``."""
+    n, f = features.features.shape[0], features.features.shape[-1]
+    stack_coords = []
     for ax in range(3):
-        x = _level_coordinates(features.volume_shape[ax], int(level_shape[ax]))
+        x = coords[ax]
         if ax == features.axis:  # the n encoded slices span the first to the last voxel
             last = features.volume_shape[ax] - 1
             slice_index = x * (n - 1) / last if last > 0 and n > 1 else torch.zeros_like(x)
-            coords.append(grid_coordinates(slice_index, n))
+            stack_coords.append(grid_coordinates(slice_index, n))
         else:
             pad = features.pad_before[features.in_plane_axes.index(ax)]
-            coords.append(grid_coordinates((x + pad + 0.5) * f / features.padded_size - 0.5, f))
-    # source volume dims: (slice axis, first in-plane axis, second in-plane axis)
-    src_order = (features.axis,) + features.in_plane_axes
-    mesh = torch.meshgrid(*coords, indexing="ij")  # each (D_l, H_l, W_l), in volume axis order
-    grid = torch.stack([mesh[src_order[2]], mesh[src_order[1]], mesh[src_order[0]]], dim=-1).unsqueeze(0)
-    source = feats.to(device=device, dtype=torch.float32).permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, N, f, f)
-    return F.grid_sample(source, grid.to(device), mode="bilinear", padding_mode="border", align_corners=False)
+            stack_coords.append(grid_coordinates((x + pad + 0.5) * f / features.padded_size - 0.5, f))
+    src_order = (features.axis,) + features.in_plane_axes  # stack dims: (slice axis, in-plane 1, in-plane 2)
+    return torch.stack([stack_coords[src_order[2]], stack_coords[src_order[1]], stack_coords[src_order[0]]], dim=-1)
+
+
+def _stack(features: SliceFeatures, device) -> torch.Tensor:
+    return features.features.to(device=device, dtype=torch.float32).permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, N, f, f)
+
+
+def sample_features(features: SliceFeatures, level_shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Features on a (cell-centred) level grid covering the volume: ``(1, C, D_l, H_l, W_l)``."""
+    axes = [_level_coordinates(features.volume_shape[ax], int(level_shape[ax])) for ax in range(3)]
+    grid = _stack_grid(features, torch.meshgrid(*axes, indexing="ij")).unsqueeze(0)
+    return F.grid_sample(_stack(features, device), grid.to(device), mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
+def sample_features_at(features: SliceFeatures, points: torch.Tensor) -> torch.Tensor:
+    """Features ``(P, C)`` at continuous volume voxel coordinates ``points`` ``(P, 3)`` (D, H, W order);
+    differentiable with respect to the features (training a head through known correspondences)."""
+    grid = _stack_grid(features, points.unbind(-1)).view(1, -1, 1, 1, 3)
+    stack = features.features
+    source = stack.permute(1, 0, 2, 3).unsqueeze(0) if stack.dtype == torch.float32 else _stack(features, stack.device)
+    sampled = F.grid_sample(source, grid.to(source.device, source.dtype), mode="bilinear", padding_mode="border",
+                            align_corners=False)
+    return sampled.view(sampled.shape[1], -1).T

@@ -25,6 +25,7 @@ ENCODERS = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b")
 NORMALIZATIONS = ("auto", "mr", "ct")
 ALIGNMENTS = ("affine", "rigid", "none")
 SIMILARITIES = ("auto", "ncc", "mind")
+FEATURE_HEADS = ("auto", "trained", "pca")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # "cuda:N" picks a GPU
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 TYPES = ("str", "int", "float", "bool", "ints", "file")
@@ -164,6 +165,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option("slice_stride", "int", minimum=1, metavar="N", help="encode every n-th slice (default: automatic)"),
     Option("use_features", "bool", False, flag="--features",
            help="guide the coarse levels with frozen encoder features (SAFE); off by default (see README)"),
+    Option("feature_head", "str", "auto", choices=FEATURE_HEADS,
+           help="what turns the encoder's features into guidance (with --features): trained = the SAFE head shipped"
+                " with SAMIR (contrast-invariant descriptors, LiteMedSAM only), pca = a PCA of the pair's features;"
+                " auto: trained where it applies"),
     Option("levels", "int", minimum=1, maximum=8, optimizer=True, help="pyramid levels (default 5)"),
     Option("finest_level", "int", minimum=1, optimizer=True, help="finest optimised level (1 = full resolution)"),
     Option("iterations", "ints", minimum=1, optimizer=True, metavar="N,N,...",

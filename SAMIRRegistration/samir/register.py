@@ -81,6 +81,7 @@ class RegistrationOptions:
     normalization: str = default("normalization")
     slicing_axis: Optional[int] = default("slicing_axis")  # in the fixed array's (z, y, x) axes
     use_features: bool = default("use_features")
+    feature_head: str = default("feature_head")
     slice_stride: Optional[int] = default("slice_stride")
     seed: int = default("seed")
     use_cache: bool = default("use_cache")
@@ -207,6 +208,7 @@ class PairFeatures:
     stride: Optional[int] = None
     cache: Optional[FeatureCache] = None
     guide: bool = False  # zero-shot guidance features (else, if any, the network's)
+    head: Optional[dict] = None  # the SAFE head that made the guidance features (what the summary says)
 
 
 @dataclass
@@ -332,11 +334,33 @@ def encode_pair(fixed01: np.ndarray, moving01: np.ndarray, encoder: SliceEncoder
     return encode("fixed", fixed01), encode("moving", moving01)
 
 
-def reduce_pair(fixed_features, moving_features, options: RegistrationOptions):
-    """Zero-shot guidance features: frame component removed, PCA shared by the pair."""
+def guidance_head(options: RegistrationOptions, encoder: SliceEncoder):
+    """``(head, payload)`` of the SAFE head that ``options.feature_head`` asks for, or ``(None, None)`` for
+    the PCA; the trained head applies to the encoder it was trained on only."""
+    from .safe_head import load_head, shipped_head_available
+    if options.feature_head == "pca":
+        return None, None
+    fits = encoder.name == "litemedsam" and encoder.input_size == 256
+    if options.feature_head == "trained" and not fits:
+        raise SAMIRInputError(f"the trained SAFE head reads LiteMedSAM features (k = 256), not {encoder.name}"
+                              f" (k = {encoder.input_size}); use --feature-head pca")
+    if options.feature_head == "auto" and not (fits and shipped_head_available()):
+        return None, None
+    return load_head()
+
+
+def reduce_pair(fixed_features, moving_features, options: RegistrationOptions, encoder: SliceEncoder):
+    """Zero-shot guidance features and the head that made them: the trained SAFE head's descriptors, scaled
+    to unit mean square per channel like the PCA's; or the frame component removed and a PCA shared by the pair."""
+    from .safe_head import apply_head, describe_head
+    head, payload = guidance_head(options, encoder)
+    if head is not None:
+        scale = float(head.out_channels) ** 0.5
+        described = [apply_head(f, head) for f in (fixed_features, moving_features)]
+        return [replace(f, features=f.features * scale) for f in described] + [describe_head(payload)]
     fixed_features, moving_features = remove_frame_component([fixed_features, moving_features])
     reduction = fit_channel_reduction([fixed_features, moving_features], options.feature_channels, seed=options.seed)
-    return reduce_channels(fixed_features, reduction), reduce_channels(moving_features, reduction)
+    return reduce_channels(fixed_features, reduction), reduce_channels(moving_features, reduction), {"name": "pca"}
 
 
 def encode_features(fixed: Volume, pair: FixedFramePair, options: RegistrationOptions, plan: Plan, device: torch.device,
@@ -360,12 +384,13 @@ def encode_features(fixed: Volume, pair: FixedFramePair, options: RegistrationOp
                                                   stride, log, cache=cache, normalization=pair.normalization,
                                                   spacing_zyx=fixed.spacing_zyx)
     log.timings["encoder_s"] = time.perf_counter() - t0
+    head = None
     if model is None:
-        fixed_features, moving_features = reduce_pair(fixed_features, moving_features, options)
+        fixed_features, moving_features, head = reduce_pair(fixed_features, moving_features, options, encoder)
     else:
         from .inference import prepare_features  # the raw 256-channel features are not needed any more
         fixed_features, moving_features = prepare_features(model, fixed_features, moving_features)
-    return PairFeatures(fixed_features, moving_features, encoder, stride, cache, guide=model is None)
+    return PairFeatures(fixed_features, moving_features, encoder, stride, cache, guide=model is None, head=head)
 
 
 def compute_field(fixed: Volume, pair: FixedFramePair, features: PairFeatures, plan: Plan, settings: OptimizerSettings,
@@ -414,6 +439,7 @@ def describe_run(options: RegistrationOptions, plan: Plan, pair: FixedFramePair,
     model, encoder, cache = plan.model, features.encoder, features.cache
     return {
         "mode": options.mode, "encoder": encoder.describe() if encoder is not None else None,
+        "feature_head": features.head,
         "network": model.describe() if model is not None else None, "refine_iterations": options.refine_iterations,
         "device": str(computed.device), "preset": options.preset, "normalization": pair.normalization,
         "slicing_axis_zyx": plan.axis, "slice_stride": features.stride, "overlap_fraction": pair.overlap,
