@@ -166,7 +166,8 @@ def test_every_schema_option_reaches_registration_options_from_the_command_line(
     from samir.cli import build_parser
     from samir.register import RegistrationOptions
     given = {"mode": "zeroshot", "encoder": "sam_vit_b", "input_size": 512, "preset": "fast", "similarity": "mind",
-             "alignment": "affine", "histogram_matching": True, "joint_intensity_map": False, "noise_smoothing": False,
+             "global_search": "on", "search_radius": 30.0, "alignment": "affine", "histogram_matching": True,
+             "joint_intensity_map": False, "noise_smoothing": False,
              "ssd_weight": 0.25, "noise_smoothness_factor": 2.0, "device": "cpu", "normalization": "ct",
              "slicing_axis": 1, "slice_stride": 2, "use_features": True, "levels": 4, "finest_level": 2,
              "iterations": (5, 6, 7), "smoothness": 0.7, "feature_weight": 0.5, "seed": 9, "use_cache": False,

@@ -72,8 +72,9 @@ def test_the_option_schema_names_what_the_engine_defines():
     assert options.ENCODERS == ("litemedsam",) + tuple(SAM_VARIANTS)
     assert set(REGISTRY) | set(weights.BUNDLED_ENCODERS) == set(options.ENCODERS)
     every_plan = {stage for mode in options.MODES for alignment in options.ALIGNMENTS for features in (False, True)
+                  for search in options.GLOBAL_SEARCHES
                   for stage in options.planned_stages(dict(mode=mode, alignment=alignment, use_features=features,
-                                                           refine_iterations=1))}
+                                                           refine_iterations=1, global_search=search))}
     assert every_plan == set(engine_runner.STAGE_WEIGHTS)  # every stage has a share of the progress bar
 
 

@@ -40,7 +40,7 @@ LogCallback = Callable[[str], None]
 
 # Relative cost of each engine stage, for one percentage bar over the stages a run goes through.
 STAGE_WEIGHTS = {"align": 4.0, "resample": 2.0, "load encoder": 3.0, "encode fixed": 10.0, "encode moving": 10.0, "network": 8.0,
-                 "optimise": 60.0, "write outputs": 5.0}
+                 "search": 5.0, "optimise": 60.0, "write outputs": 5.0}
 
 
 def stage_spans(stages: Sequence[str]) -> Dict[str, tuple]:

@@ -26,6 +26,7 @@ NORMALIZATIONS = ("auto", "mr", "ct")
 ALIGNMENTS = ("affine", "rigid", "none")
 SIMILARITIES = ("auto", "ncc", "mind")
 FEATURE_HEADS = ("auto", "trained", "pca")
+GLOBAL_SEARCHES = ("off", "on")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # "cuda:N" picks a GPU
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 TYPES = ("str", "int", "float", "bool", "ints", "file")
@@ -140,6 +141,13 @@ OPTIONS: Tuple[Option, ...] = (
                 " similarity: rigid (default: rotation and translation, e.g. two sessions, or origins that"
                 " disagree), affine (adds scaling and shear, e.g. subjects of different size) or none (the images"
                 " are aligned by their geometry)"),
+    Option("global_search", "str", "off", choices=GLOBAL_SEARCHES,
+           help="zero-shot: before the pyramid, search every displacement within --search-radius on a coarse grid"
+                " (MIND-SSC descriptors, any contrast) and regularise the choice by coupled convex optimisation;"
+                " the pyramid starts from that field. For deformations larger than the pyramid captures"),
+    Option("search_radius", "float", 24.0, minimum=1.0, maximum=200.0, metavar="MM",
+           help="with --global-search on: the largest displacement searched, in mm (the search grid's spacing"
+                " is about a quarter of it, coarser when the cost volume would exceed 256 MB)"),
     Option("histogram_matching", "bool", False,
            help=_zeroshot_ncc("map the moving intensities onto the fixed image's histogram first (for a non-linear"
                               " intensity change between same-contrast scans, e.g. another scanner or gamma; not"
@@ -208,6 +216,9 @@ def check_values(values: Mapping[str, object]) -> None:
         raise SAMIRInputError("the network mode needs a trained SAMIR network checkpoint (--network CKPT)")
     if not network_mode and merged["network"]:
         raise SAMIRInputError("a network checkpoint was given but the mode is zero-shot: add --mode network")
+    if network_mode and merged["global_search"] == "on":
+        raise SAMIRInputError("--global-search starts the zero-shot optimisation; the network mode predicts its"
+                              " own starting field")
     if merged["refine_iterations"] and not network_mode:
         raise SAMIRInputError("--refine continues from a trained network's field: it needs --mode network")
     levels, finest = merged["levels"], merged["finest_level"]
@@ -282,6 +293,8 @@ def planned_stages(values: Mapping[str, object]) -> List[str]:
         stages += ["load encoder", "encode fixed", "encode moving"]
     if network_mode:
         stages.append("network")
+    if not network_mode and merged["global_search"] == "on":
+        stages.append("search")
     if not network_mode or merged["refine_iterations"]:
         stages.append("optimise")
     return stages + ["write outputs"]

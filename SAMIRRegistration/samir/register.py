@@ -9,7 +9,8 @@ displacement field on the fixed grid, in voxels for the engine and in LPS millim
 :func:`load_network` (network mode), :func:`plan_registration` (slicing axis, features or not, memory
 estimate), :func:`prepare_pair` (normalise, pre-align with :func:`align_pair`, resample into the fixed
 frame, choose the similarity), :func:`encode_features`, :func:`compute_field` (network forward pass
-and/or pyramid optimisation), :func:`finish_field` (affine folded in, Jacobian) and
+and/or pyramid optimisation, from the global discrete search's field with ``global_search="on"``),
+:func:`finish_field` (affine folded in, Jacobian) and
 :func:`describe_run` (the result's ``info``).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .encoders import SliceEncoder, build_encoder
 from .feature_cache import FeatureCache
 from .features import (SliceFeatures, auto_slice_stride, choose_slicing_axis, default_encoder_batch_size, encode_volume,
                        fit_channel_reduction, reduce_channels, remove_frame_component)
+from .discrete import global_search
 from .affine import AffineAlignment, align_affine, compose_with_affine, identity_alignment
 from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps
 from .intensity import intensity_rank_correlation, match_histogram, normalize_intensity, resolve_normalization
@@ -75,6 +77,8 @@ class RegistrationOptions:
     input_size: Optional[int] = default("input_size")
     preset: str = default("preset")
     similarity: str = default("similarity")
+    global_search: str = default("global_search")
+    search_radius: float = default("search_radius")
     histogram_matching: bool = default("histogram_matching")
     alignment: str = default("alignment")
     device: str = default("device")
@@ -217,6 +221,7 @@ class ComputedField:
     levels: List[LevelReport]
     device: torch.device  # where it was computed (the CPU after an out-of-memory fallback)
     timings: Dict[str, float]
+    search: Optional[Dict[str, object]] = None  # the global search's report, when it ran
 
 
 def load_network(options: RegistrationOptions) -> Optional["SAMIRModel"]:
@@ -412,6 +417,15 @@ def compute_field(fixed: Volume, pair: FixedFramePair, features: PairFeatures, p
         t_start = time.perf_counter()
         if not options.refine_iterations:
             return ComputedField(initial_field, [], device, timings)
+    search = None
+    if options.global_search == "on":
+        # the pyramid starts from the searched field and optimises on top of it; its output is the whole field
+        report("search", 0.0)
+        initial_field, search = global_search(fixed_t, moving_t, fixed.spacing_zyx, options.search_radius,
+                                              progress=lambda f: report("search", f))
+        report("search", 1.0)
+        timings["search_s"] = time.perf_counter() - t_start
+        t_start = time.perf_counter()
     guide = features.guide
     field_, levels = optimize_pyramid(
         fixed_t, moving_t, fixed.spacing_zyx, settings, features.fixed if guide else None,
@@ -420,7 +434,7 @@ def compute_field(fixed: Volume, pair: FixedFramePair, features: PairFeatures, p
         feature_spacing_mm=features.fixed.feature_spacing_mm(fixed.spacing_zyx) if guide else 0.0,
         progress=lambda f: report("optimise", f))
     timings["optimise_s"] = time.perf_counter() - t_start
-    return ComputedField(field_, levels, device, timings)
+    return ComputedField(field_, levels, device, timings, search)
 
 
 def finish_field(u: torch.Tensor, alignment: AffineAlignment, fixed: Volume, notes: List[str]):
@@ -445,6 +459,7 @@ def describe_run(options: RegistrationOptions, plan: Plan, pair: FixedFramePair,
         "slicing_axis_zyx": plan.axis, "slice_stride": features.stride, "overlap_fraction": pair.overlap,
         "similarity": pair.similarity, "intensity_rank_correlation": pair.rank_correlation,
         "histogram_matching": pair.histogram_matched, "alignment": pair.alignment.describe(),
+        "global_search": computed.search or {"enabled": False},
         "optimizer": settings.to_dict(),
         "feature_cache": cache.report() if cache is not None else (
             {"enabled": False} if features.stride is not None else None),
@@ -482,6 +497,6 @@ def register(fixed: Volume, moving: Volume, options: Optional[RegistrationOption
 def stage_times(summary: dict) -> str:
     """One line: total time and the main stages, from a summary's ``timings_s``."""
     t = summary["timings_s"]
-    parts = [f"{name} {t[key]:.1f} s" for key, name in (("encoder", "encoder"), ("optimise", "optimisation"))
-             if key in t]
+    parts = [f"{name} {t[key]:.1f} s" for key, name in (("encoder", "encoder"), ("search", "global search"),
+                                                        ("optimise", "optimisation")) if key in t]
     return f"time {t['total']:.1f} s ({', '.join(parts)}) on {summary['device']}"
