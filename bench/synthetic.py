@@ -21,6 +21,8 @@ onto. Accuracy: Dice and endpoint error (mm, inside the labels) against ``d``.
 Robustness (paper Fig. 5): the first warp of each anatomy with gamma ``moving ** g`` and Gaussian
 noise of std ``s`` (intensities in [0, 1], clipped) applied to the moving image; Dice against the
 strength for every method on one plot, and the Dice loss from clean to the strongest setting.
+The warp and acquisition (``smooth_warp``, ``warp_anatomy``, ``save_warped_case``) are shared with
+``bench/large_deformation.py`` and ``bench/contrast.py``.
 """
 from __future__ import annotations
 
@@ -140,6 +142,7 @@ class WarpedAnatomy:
     anatomy: str
     seed: int
     fine_image: object  # samir.geometry.Volume, 1 mm
+    fine_labels: object  # 1 mm
     image: object  # 2 mm, the fixed image
     labels: object  # 2 mm, the fixed labels
     d: object  # true displacement (1, 3, D, H, W), voxels of the 2 mm grid
@@ -168,7 +171,7 @@ def warp_anatomy(anatomy: str, seed: int, max_mm: float = WARP_MAX_MM, control_p
     # the labels are the annotation, not an acquisition: the fixed one warped on its own grid, so that the
     # true field carries one onto the other up to nearest-neighbour sampling only
     moved_labels = warp(torch.from_numpy(labels.array)[None, None], w, mode="nearest")[0, 0].numpy()
-    return WarpedAnatomy(anatomy, seed, fine_image, image, labels, d, w_fine, moved_fine, moved_labels)
+    return WarpedAnatomy(anatomy, seed, fine_image, fine_labels, image, labels, d, w_fine, moved_fine, moved_labels)
 
 
 def save_warped_case(pair: WarpedAnatomy, name: str, moved: np.ndarray, work: Path, description: str) -> Case:
