@@ -159,6 +159,11 @@ def test_samir_variants_name_their_preset_and_options():
     assert harness.samir_variant("samir:balanced+align-none+hm") == (
         "balanced", ["--alignment", "none", "--histogram-matching"])
     assert harness.method_name("samir:accurate+align-affine") == "SAMIR zero-shot accurate + affine pre-alignment"
+    # the feature variants of the contrast and large-deformation suites: their arguments live in SAMIR_OPTIONS only
+    assert harness.samir_variant("samir:balanced+features") == ("balanced", harness.SAMIR_OPTIONS["features"])
+    assert harness.samir_variant("samir:balanced+image-only") == ("balanced", harness.SAMIR_OPTIONS["image-only"])
+    assert harness.method_name("samir:balanced+image-only") == "SAMIR zero-shot balanced + image only"
+    assert set(harness.SAMIR_OPTIONS) == set(harness.SAMIR_OPTION_NAMES)
     with pytest.raises(ValueError, match="unknown SAMIR variant"):
         harness.samir_variant("samir:fast+typo")
 

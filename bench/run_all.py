@@ -1,6 +1,7 @@
 """Run every CPU suite in one go and put the latest tables into ``bench/README.md``.
 
-    .venv/bin/python bench/run_all.py [--threads 2] [--skip brain,synthetic,robustness,alignment,scaling] [--reuse-peers]
+    .venv/bin/python bench/run_all.py [--threads 2] [--reuse-peers]
+                                      [--skip brain,synthetic,robustness,alignment,contrast,large,scaling]
     .venv/bin/python bench/run_all.py --readme-only      # only re-assemble the README from bench/results
 
 The README's "Latest results" section (between the two marker lines) is rebuilt from the markdown
@@ -22,9 +23,12 @@ SUITES = {
     "synthetic": ["synthetic.py", "accuracy"],
     "robustness": ["synthetic.py", "robustness", "--methods", "samir:balanced,samir:balanced+hm,demons,elastix,ants-mi"],
     "alignment": ["alignment.py"],
+    "contrast": ["contrast.py"],
+    "large": ["large_deformation.py"],
     "scaling": ["scaling.py"],
 }
-RESULT_FILES = ("brain_pair.md", "synthetic_accuracy.md", "robustness.md", "alignment.md", "scaling.md")
+RESULT_FILES = ("brain_pair.md", "synthetic_accuracy.md", "robustness.md", "alignment.md", "contrast.md",
+                "large_deformation.md", "scaling.md")
 
 
 def assemble_readme() -> None:
@@ -46,7 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", default="")
     parser.add_argument("--readme-only", action="store_true")
     parser.add_argument("--reuse-peers", action="store_true",
-                        help="suites 1-3 and alignment: reuse peers' outputs of an earlier run for identical inputs")
+                        help="every suite but scaling: reuse peers' outputs of an earlier run for identical inputs")
     args = parser.parse_args(argv)
     if not args.readme_only:
         skip = set(filter(None, args.skip.split(",")))

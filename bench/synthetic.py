@@ -21,6 +21,8 @@ onto. Accuracy: Dice and endpoint error (mm, inside the labels) against ``d``.
 Robustness (paper Fig. 5): the first warp of each anatomy with gamma ``moving ** g`` and Gaussian
 noise of std ``s`` (intensities in [0, 1], clipped) applied to the moving image; Dice against the
 strength for every method on one plot, and the Dice loss from clean to the strongest setting.
+The warp and acquisition (``smooth_warp``, ``warp_anatomy``, ``save_warped_case``) are shared with
+``bench/large_deformation.py`` and ``bench/contrast.py``.
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ import argparse
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -113,33 +116,90 @@ def inverse_field(u, iterations: int = 30):
     return w
 
 
-def make_case(anatomy: str, seed: int, work: Path, gamma: float = 1.0, noise: float = 0.0) -> Case:
+def smooth_warp(shape, spacing_zyx, max_mm: float, seed: int, control_points: int = 6, stretch: float = 1.0,
+                region: Optional[np.ndarray] = None):
+    """The suites' random smooth displacement ``(1, 3, D, H, W)`` in voxels (``samir.demo``'s lattice generator).
+
+    ``stretch`` > 1 spaces the control points ``stretch`` times farther apart (a smoother field of the same
+    largest displacement): the lattice is laid over a grid ``stretch`` times larger and its central window kept.
+    ``region`` (boolean, on the grid): the largest displacement inside it is ``max_mm`` (else over the grid)."""
     import torch
     from samir.demo import random_smooth_displacement
-    from samir.geometry import displacement_zyx_voxels_to_lps
+    if stretch == 1.0 and region is None:
+        return random_smooth_displacement(shape, spacing_zyx, max_mm, control_points=control_points, seed=seed)
+    big = [int(round(n * stretch)) for n in shape]
+    d = random_smooth_displacement(big, spacing_zyx, max_mm, control_points=control_points, seed=seed)
+    start = [(b - n) // 2 for b, n in zip(big, shape)]
+    d = d[:, :, start[0]:start[0] + shape[0], start[1]:start[1] + shape[1], start[2]:start[2] + shape[2]]
+    length_mm = (d * torch.tensor(np.asarray(spacing_zyx), dtype=d.dtype).view(1, 3, 1, 1, 1)).norm(dim=1)[0]
+    largest = length_mm[torch.from_numpy(np.asarray(region, dtype=bool))].max() if region is not None else length_mm.max()
+    return (d * (max_mm / largest)).contiguous()
+
+
+@dataclass
+class WarpedAnatomy:
+    """An anatomy at 2 mm (fixed) and the 1 mm anatomy under a known warp, before it is acquired at 2 mm."""
+    anatomy: str
+    seed: int
+    fine_image: object  # samir.geometry.Volume, 1 mm
+    fine_labels: object  # 1 mm
+    image: object  # 2 mm, the fixed image
+    labels: object  # 2 mm, the fixed labels
+    d: object  # true displacement (1, 3, D, H, W), voxels of the 2 mm grid
+    w_fine: object  # its inverse resized to the 1 mm grid (moving = fine image warped by it)
+    moved_fine: np.ndarray
+    moved_labels: np.ndarray
+
+    def acquired(self, fine_array: Optional[np.ndarray] = None) -> np.ndarray:
+        """The moving image at 2 mm: ``fine_array`` (default: the warped 1 mm anatomy) block-averaged."""
+        array = self.moved_fine if fine_array is None else fine_array
+        return acquire(self.fine_image.with_array(array.astype(np.float32)))[0].array
+
+
+def warp_anatomy(anatomy: str, seed: int, max_mm: float = WARP_MAX_MM, control_points: int = 6,
+                 stretch: float = 1.0, max_inside_labels: bool = False) -> WarpedAnatomy:
+    """``anatomy`` warped by :func:`smooth_warp` at 1 mm; ``max_inside_labels``: ``max_mm`` is reached inside the labels."""
+    import torch
     from samir.spatial import resize_field, warp
     fine_image, fine_labels = load_anatomy(anatomy)
     image, labels = acquire(fine_image, fine_labels)
-    d = random_smooth_displacement(image.shape, image.spacing_zyx, WARP_MAX_MM, control_points=6, seed=seed)
+    d = smooth_warp(image.shape, image.spacing_zyx, max_mm, seed, control_points, stretch,
+                    labels.array > 0 if max_inside_labels else None)
     w = inverse_field(d)
     w_fine = resize_field(w, fine_image.shape)
     moved_fine = warp(torch.from_numpy(fine_image.array)[None, None], w_fine)[0, 0].numpy()
-    moved = acquire(fine_image.with_array(moved_fine))[0].array
     # the labels are the annotation, not an acquisition: the fixed one warped on its own grid, so that the
     # true field carries one onto the other up to nearest-neighbour sampling only
     moved_labels = warp(torch.from_numpy(labels.array)[None, None], w, mode="nearest")[0, 0].numpy()
+    return WarpedAnatomy(anatomy, seed, fine_image, fine_labels, image, labels, d, w_fine, moved_fine, moved_labels)
+
+
+def save_warped_case(pair: WarpedAnatomy, name: str, moved: np.ndarray, work: Path, description: str) -> Case:
+    """Write the fixed image and labels, ``moved`` (the 2 mm moving image), its labels and the true field."""
+    from samir.geometry import displacement_zyx_voxels_to_lps
+    image, labels = pair.image, pair.labels
+    paths = save_case_volumes(work / "cases" / name, image, image.with_array(moved.astype(np.float32)), labels,
+                              labels.with_array(pair.moved_labels.astype(np.int32)),
+                              displacement_zyx_voxels_to_lps(pair.d[0].numpy(), image))
+    return Case(name, paths["fixed"], paths["moving"], paths["fixed_labels"], paths["moving_labels"],
+                true_displacement=paths["true_displacement"], description=description)
+
+
+def apply_gamma_noise(moved: np.ndarray, gamma: float = 1.0, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """``moved ** gamma`` (intensities clipped to [0, 1]), then Gaussian noise of std ``noise``, clipped."""
     if gamma != 1.0:
         moved = np.power(np.clip(moved, 0, 1), gamma)
     if noise > 0:
         moved = np.clip(moved + np.random.default_rng(seed + 1000).normal(0, noise, moved.shape), 0, 1)
+    return moved
+
+
+def make_case(anatomy: str, seed: int, work: Path, gamma: float = 1.0, noise: float = 0.0) -> Case:
+    pair = warp_anatomy(anatomy, seed)
+    moved = apply_gamma_noise(pair.acquired(), gamma, noise, seed)
     suffix = "" if gamma == 1.0 and noise == 0 else (f"_gamma{gamma:g}" if gamma != 1.0 else f"_noise{noise:g}")
-    name = f"{anatomy}_warp{seed}{suffix}"
-    paths = save_case_volumes(work / "cases" / name, image, image.with_array(moved.astype(np.float32)), labels,
-                              labels.with_array(moved_labels.astype(np.int32)),
-                              displacement_zyx_voxels_to_lps(d[0].numpy(), image))
-    return Case(name, paths["fixed"], paths["moving"], paths["fixed_labels"], paths["moving_labels"],
-                true_displacement=paths["true_displacement"],
-                description=f"{anatomy}, warp seed {seed}, max {WARP_MAX_MM:g} mm, gamma {gamma:g}, noise {noise:g}")
+    return save_warped_case(pair, f"{anatomy}_warp{seed}{suffix}", moved, work,
+                            f"{anatomy}, warp seed {seed}, max {WARP_MAX_MM:g} mm, gamma {gamma:g}, noise {noise:g}")
 
 
 ACCURACY_COLUMNS = [("case", "case", 0), ("method", "name", 0), ("Dice", "dice", 3), ("HD95 mm", "hd95_mm", 2),
