@@ -169,7 +169,7 @@ def test_every_schema_option_reaches_registration_options_from_the_command_line(
              "global_search": "on", "search_radius": 30.0, "alignment": "affine", "histogram_matching": True,
              "joint_intensity_map": False, "noise_smoothing": False,
              "ssd_weight": 0.25, "noise_smoothness_factor": 2.0, "device": "cpu", "normalization": "ct",
-             "slicing_axis": 1, "slice_stride": 2, "use_features": True, "levels": 4, "finest_level": 2,
+             "slicing_axis": 1, "slice_stride": 2, "use_features": True, "feature_head": "pca", "levels": 4, "finest_level": 2,
              "iterations": (5, 6, 7), "smoothness": 0.7, "feature_weight": 0.5, "seed": 9, "use_cache": False,
              "encoder_weights": "enc.pth", "refine_iterations": 0, "network": None}
     assert set(given) == set(options.OPTION)  # a new option must be added here too

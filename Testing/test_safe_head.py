@@ -9,8 +9,7 @@ from samir.errors import SAMIRInputError
 from samir.features import SliceFeatures, sample_features, sample_features_at
 from samir.head_training import (HeadTrainer, HeadTrainingSettings, View, correspondence_loss, encode_view,
                                  neighbour_offsets)
-from samir.safe_head import (SHIPPED_HEAD, SHIPPED_HEAD_SHA256, SAFEHead, apply_head, file_sha256, head_payload,
-                             load_head)
+from samir.safe_head import (SHIPPED_HEAD, SHIPPED_HEAD_SHA256, SAFEHead, apply_head, file_sha256, load_head)
 from samir.spatial import warp
 
 
@@ -97,3 +96,40 @@ def test_training_on_a_contrast_change_lowers_the_loss(single_thread):
                                                       learning_rate=5e-3))
     losses = [trainer.step() for _ in range(40)]
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), (losses[:5], losses[-10:])
+
+
+def localisation(fixed: SliceFeatures, moving: SliceFeatures, points: torch.Tensor, targets: torch.Tensor,
+                 cell: float, radius: int = 2) -> float:
+    """Share of points whose best cosine match among whole-cell offsets around the true point is the true point."""
+    r = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    offsets = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).view(-1, 3)
+    f = torch.nn.functional.normalize(sample_features_at(fixed, points), dim=1)
+    candidates = (targets[:, None] + offsets[None] * cell).view(-1, 3)
+    m = torch.nn.functional.normalize(sample_features_at(moving, candidates), dim=1).view(len(points), len(offsets), -1)
+    best = (f[:, None] * m).sum(-1).argmax(1)
+    return float((offsets[best].abs().sum(1) == 0).float().mean())
+
+
+@pytest.mark.slow
+def test_the_trained_head_localises_across_an_inverted_contrast_where_a_random_head_cannot():
+    from samir.demo import load_mni152
+    from samir.encoders import build_encoder
+    image, labels = load_mni152(2)
+    t1 = image.array[36:60].astype(np.float32) / float(image.array.max())
+    brain = labels.array[36:60] > 0
+    inverted = np.where(t1 > 0.05, 1.0 - t1, 0.0).astype(np.float32)
+    shift = torch.tensor([0.0, 2.6, -1.7])  # voxels: moving(q) = inverted(q + shift)
+    moving = warp(torch.from_numpy(inverted)[None, None], shift.view(1, 3, 1, 1, 1).expand(1, 3, *t1.shape))[0, 0]
+    encoder = build_encoder("litemedsam")
+    fixed_fs, moving_fs = (encode_view(a, (2.0,) * 3, encoder, torch.device("cpu")) for a in (t1, moving.numpy()))
+    cell = fixed_fs.padded_size / fixed_fs.features.shape[-1]
+    rng = np.random.default_rng(0)
+    inside = np.argwhere(brain[6:-6, 6:-6, 6:-6]) + 6
+    points = torch.from_numpy(inside[rng.choice(len(inside), 400, replace=False)].astype(np.float32))
+    targets = points - shift  # fixed p is found in the moving image at p - shift
+    trained = load_head()[0]
+    torch.manual_seed(0)
+    untrained = SAFEHead(**trained.config).eval()
+    scores = {name: localisation(apply_head(fixed_fs, head), apply_head(moving_fs, head), points, targets, cell)
+              for name, head in (("trained", trained), ("random", untrained))}
+    assert scores["trained"] > max(2 * scores["random"], scores["random"] + 0.15), scores

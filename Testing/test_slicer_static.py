@@ -258,11 +258,17 @@ def test_cmake_lists_every_script_and_resource():
     listed_scripts = expand(cmake_list(text, "MODULE_PYTHON_SCRIPTS"))
     assert "${SAMIR_ENGINE_SCRIPTS}" in listed_scripts and "samir/__init__.py" in engine
     listed_scripts = (listed_scripts - {"${SAMIR_ENGINE_SCRIPTS}"}) | engine
+    weights_glob = re.search(r"file\(GLOB SAMIR_ENGINE_WEIGHTS RELATIVE \$\{CMAKE_CURRENT_SOURCE_DIR\} CONFIGURE_DEPENDS"
+                             r" (\S+)\)", text)
+    assert weights_glob and weights_glob.group(1) == "samir/weights/*.pt"
+    weights = {p.relative_to(MODULE_FOLDER).as_posix() for p in (MODULE_FOLDER / "samir" / "weights").glob("*.pt")}
     listed_resources = expand(cmake_list(text, "MODULE_PYTHON_RESOURCES"))
+    assert "${SAMIR_ENGINE_WEIGHTS}" in listed_resources
+    listed_resources = (listed_resources - {"${SAMIR_ENGINE_WEIGHTS}"}) | weights
     scripts, resources = module_files()
-    # the glob takes no subpackage and no data file: the engine must have none that the module needs
+    # the globs take no subpackage and no other data file: the engine must have none that the module needs
     assert not [p for p in (MODULE_FOLDER / "samir").rglob("*") if p.is_file() and "__pycache__" not in p.parts
-                and p.relative_to(MODULE_FOLDER).as_posix() not in engine], "engine files the glob misses"
+                and p.relative_to(MODULE_FOLDER).as_posix() not in engine | weights], "engine files the globs miss"
     assert scripts == listed_scripts, (f"missing from CMake: {sorted(scripts - listed_scripts)};"
                                        f" listed but absent: {sorted(listed_scripts - scripts)}")
     assert resources == listed_resources, (f"missing from CMake: {sorted(resources - listed_resources)};"

@@ -6,7 +6,7 @@ are applied. The maps are not fitted to any scan: they follow the textbook order
 brain tissues (CSF < GM < WM on T1), which is what a second sequence changes.
 
 - ``t2like``: monotone decreasing (CSF bright, WM dark).
-- ``pdlike``: non-monotone: GM brightest, WM a little darker, CSF in between.
+- ``pdlike``: non-monotone: GM brightest, WM a little darker, CSF darker still (but far brighter than on T1).
 - ``flairlike``: non-monotone: CSF dark as on T1, but WM darker than GM as on T2.
 - ``inverted``: ``1 - t``.
 - ``gamma``: ``t ** 2`` (monotone, same ordering), for reference.

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from brain_pair import DATA  # noqa: E402
-from contrasts import CONTRAST_NAMES, recontrast  # noqa: E402
+from contrasts import recontrast  # noqa: E402
 from harness import header, markdown_table, write_results  # noqa: E402
 
 DESCRIPTORS = ("raw", "pca24", "head", "mind", "patch", "head+mind")

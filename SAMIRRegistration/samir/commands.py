@@ -197,8 +197,8 @@ def _add_train_head_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with Colin27's ch2.nii.gz and aal.nii.gz (Debian mricron-data; default %(default)s)")
     parser.add_argument("--bank", type=Path, help="folder caching the encoded training views (reused when the"
                                                  " recipe is the same; default: none, encode every view)")
-    parser.add_argument("--anchors", type=int, default=3, help="anchor views per anatomy (default %(default)s)")
-    parser.add_argument("--warped", type=int, default=6, help="warped views per anatomy (default %(default)s)")
+    parser.add_argument("--anchors", type=int, default=2, help="anchor views per anatomy (default %(default)s)")
+    parser.add_argument("--warped", type=int, default=5, help="warped views per anatomy (default %(default)s)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of views and training (default %(default)s)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

@@ -18,7 +18,6 @@ Recipe (offline data only):
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .features import SliceFeatures, auto_slice_stride, choose_slicing_axis, encode_volume, sample_features_at
-from .safe_head import SAFEHead, file_sha256, head_payload
+from .safe_head import SAFEHead, file_sha256, head_payload, standardise
 from .spatial import gaussian_smooth, warp
 
 log = logging.getLogger(__name__)
@@ -224,7 +223,7 @@ def correspondence_loss(anchor: SliceFeatures, warped: SliceFeatures, points: to
 
 @dataclass
 class HeadTrainingSettings:
-    steps: int = 300
+    steps: int = 400
     points: int = 384
     window: int = 16  # encoded slices of the warped view seen per step (the anchor's window follows)
     learning_rate: float = 2e-3
@@ -244,16 +243,24 @@ class HeadTrainer:
         in_channels = views[0].features.features.shape[1]
         self.head = SAFEHead(in_channels, settings.hidden, settings.out_channels)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=settings.learning_rate)
+        self._stacks = {}
         self.pairs = [(a, w) for a in views for w in views
                       if a.displacement is None and w.displacement is not None and a.anatomy == w.anatomy]
         if not self.pairs:
             raise ValueError("the bank needs an anchor and a warped view of one anatomy")
 
+    def _standardised(self, view: View) -> torch.Tensor:
+        """The view's whole stack standardised once ``(C, N, f, f)``: windows then see the statistics of the
+        whole stack, as the head does at inference."""
+        key = id(view)
+        if key not in self._stacks:
+            self._stacks[key] = standardise(view.features.features.float().permute(1, 0, 2, 3).unsqueeze(0))[0]
+        return self._stacks[key]
+
     def _described(self, view: View, first: int, stop: int) -> SliceFeatures:
         """The head on slices ``[first, stop)`` of the view's stack; zeros elsewhere (never sampled)."""
         fs = view.features
-        stack = fs.features[first:stop].float().permute(1, 0, 2, 3).unsqueeze(0)
-        out = self.head(stack)[0].permute(1, 0, 2, 3)
+        out = self.head.describe(self._standardised(view)[:, first:stop].unsqueeze(0))[0].permute(1, 0, 2, 3)
         blank = lambda count: out.new_zeros((count,) + tuple(out.shape[1:]))
         full = torch.cat([blank(first), out, blank(fs.features.shape[0] - stop)])
         return SliceFeatures(full, fs.axis, fs.volume_shape, fs.pad_before, fs.padded_size)

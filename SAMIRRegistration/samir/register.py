@@ -27,7 +27,7 @@ import torch
 from .encoders import SliceEncoder, build_encoder
 from .feature_cache import FeatureCache
 from .features import (SliceFeatures, auto_slice_stride, choose_slicing_axis, default_encoder_batch_size, encode_volume,
-                       fit_channel_reduction, reduce_channels, remove_frame_component)
+                       fit_channel_reduction, reduce_channels, remove_frame_component, sample_features)
 from .discrete import global_search
 from .affine import AffineAlignment, align_affine, compose_with_affine, identity_alignment
 from .geometry import SAMIRInputError, Volume, displacement_zyx_voxels_to_lps
@@ -398,6 +398,15 @@ def encode_features(fixed: Volume, pair: FixedFramePair, options: RegistrationOp
     return PairFeatures(fixed_features, moving_features, encoder, stride, cache, guide=model is None, head=head)
 
 
+def head_descriptors(features: PairFeatures, shape, device: torch.device) -> list:
+    """The trained head's descriptors of both images at half the image's resolution, for the global search
+    beside MIND-SSC (none without the head: raw or PCA features are not contrast-invariant)."""
+    if not features.guide or not features.head or features.head.get("name") != "trained SAFE head":
+        return []
+    half = tuple(max(1, int(n) // 2) for n in shape)
+    return [(sample_features(features.fixed, half, device), sample_features(features.moving, half, device))]
+
+
 def compute_field(fixed: Volume, pair: FixedFramePair, features: PairFeatures, plan: Plan, settings: OptimizerSettings,
                   options: RegistrationOptions, device: torch.device, report: Callable[[str, float], None]
                   ) -> ComputedField:
@@ -422,6 +431,7 @@ def compute_field(fixed: Volume, pair: FixedFramePair, features: PairFeatures, p
         # the pyramid starts from the searched field and optimises on top of it; its output is the whole field
         report("search", 0.0)
         initial_field, search = global_search(fixed_t, moving_t, fixed.spacing_zyx, options.search_radius,
+                                              extra_descriptors=head_descriptors(features, fixed_t.shape[2:], device),
                                               progress=lambda f: report("search", f))
         report("search", 1.0)
         timings["search_s"] = time.perf_counter() - t_start

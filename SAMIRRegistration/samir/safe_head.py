@@ -29,7 +29,7 @@ from .weights_only import load_checkpoint
 
 HEAD_FORMAT = "samir-safe-head"
 SHIPPED_HEAD = Path(__file__).resolve().parent / "weights" / "safe_head_litemedsam.pt"
-SHIPPED_HEAD_SHA256 = None  # set by the release that ships the file (see bench/README, "SAFE head")
+SHIPPED_HEAD_SHA256 = "c56fe5726cec04975e3013cfe665206ec59bb8e23e8a52650f1fd0aea1fbf62e"
 
 
 class SAFEHead(nn.Module):
@@ -48,10 +48,19 @@ class SAFEHead(nn.Module):
 
     def forward(self, stack: torch.Tensor) -> torch.Tensor:
         """``(1, C_in, N, f, f)`` -> ``(1, C_out, N, f, f)``, unit length along channels."""
-        x = F.leaky_relu(self.reduce(F.instance_norm(stack.float())), 0.2)
+        return self.describe(standardise(stack))
+
+    def describe(self, standardised: torch.Tensor) -> torch.Tensor:
+        """The head after :func:`standardise` (training runs it on windows of a stack standardised whole)."""
+        x = F.leaky_relu(self.reduce(standardised), 0.2)
         for conv in self.context:
             x = x + F.leaky_relu(conv(x), 0.2)
         return F.normalize(self.project(x), dim=1)
+
+
+def standardise(stack: torch.Tensor) -> torch.Tensor:
+    """Each channel of a whole stack ``(1, C, N, f, f)`` to zero mean and unit variance."""
+    return F.instance_norm(stack.float())
 
 
 def apply_head(features: SliceFeatures, head: SAFEHead) -> SliceFeatures:
