@@ -76,7 +76,7 @@ class FeaturesOfAShiftedCopy(SliceEncoder):
 
 
 def test_feature_guided_zero_shot_runs_end_to_end_on_real_encoder_features(demo_pair):
-    """SAFE path: LiteMedSAM features of both images, shared PCA, coarse levels guided by them. An image
+    """SAFE path: LiteMedSAM features of both images, the trained head, coarse levels guided by them. An image
     registered to itself stays put on the images alone; guided by the features of a copy shifted by 3
     feature pixels (2.8 voxels) along x, it moves towards that shift, which only the features say."""
     from samir.encoders import build_encoder
@@ -90,6 +90,7 @@ def test_feature_guided_zero_shot_runs_end_to_end_on_real_encoder_features(demo_
     info = result.info
     assert info["encoder"] == {"encoder": "litemedsam", "input_size": 256, "feature_size": 64, "channels": 256}
     assert info["slice_stride"] == 16 and "encoder_s" in result.timings
+    assert info["feature_head"]["name"] == "trained SAFE head"  # what the summary says ran
     # the fixed image's slices were encoded, the moving (identical) ones took the shifted features
     assert encoder.encoded == encoder.shifted > 0 and stages.index("encode fixed") < stages.index("encode moving")
     side = max(fixed.shape[1:])  # slices are padded to a square, encoded at 64 x 64 features

@@ -17,7 +17,6 @@ Recipe (offline data only):
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -30,7 +29,6 @@ from .features import SliceFeatures, auto_slice_stride, choose_slicing_axis, enc
 from .safe_head import SAFEHead, file_sha256, head_payload, standardise
 from .spatial import gaussian_smooth, warp
 
-log = logging.getLogger(__name__)
 COLIN27_FOLDER = Path("/usr/share/mricron/templates")
 SPACING_MM = 2.0
 
