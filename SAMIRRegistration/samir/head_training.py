@@ -221,7 +221,7 @@ def correspondence_loss(anchor: SliceFeatures, warped: SliceFeatures, points: to
 
 @dataclass
 class HeadTrainingSettings:
-    steps: int = 400
+    steps: int = 800
     points: int = 384
     window: int = 16  # encoded slices of the warped view seen per step (the anchor's window follows)
     learning_rate: float = 2e-3

@@ -29,7 +29,7 @@ from .weights_only import load_checkpoint
 
 HEAD_FORMAT = "samir-safe-head"
 SHIPPED_HEAD = Path(__file__).resolve().parent / "weights" / "safe_head_litemedsam.pt"
-SHIPPED_HEAD_SHA256 = "c56fe5726cec04975e3013cfe665206ec59bb8e23e8a52650f1fd0aea1fbf62e"
+SHIPPED_HEAD_SHA256 = "85a6e4b735e1a1593d070155f3548528d9202bed74ec48aae2e21d9b41b62b47"
 
 
 class SAFEHead(nn.Module):
