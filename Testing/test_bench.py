@@ -116,6 +116,7 @@ class PatchEncoder(SliceEncoder):
         return self.conv(x)
 
 
+@pytest.mark.slow
 def test_gpu_script_code_path_on_cpu(tmp_path, monkeypatch):
     """bench/gpu.py --quick on a CPU: every section runs and reports what its clock and counter measured. The
     clock is injected (one second per reading), the encoder has a known multiply-add count, and the end-to-end

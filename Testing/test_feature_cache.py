@@ -192,6 +192,7 @@ def test_no_cache_writes_nothing(cache_dir):
     assert plain.info["feature_cache"] is None  # no features, no cache
 
 
+@pytest.mark.slow
 def test_real_litemedsam_second_run_skips_encoding(cache_dir):
     """LiteMedSAM on a small pair: the re-run's encoder stage is a cache read (ratio printed, not asserted)."""
     from samir.encoders import build_encoder
