@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from brain_pair import DATA  # noqa: E402
 from contrasts import recontrast  # noqa: E402
 from harness import header, markdown_table, write_results  # noqa: E402
+from samir.spatial import sample_at_points  # noqa: E402
 
 DESCRIPTORS = ("raw", "pca24", "head", "mind", "patch", "head+mind")
 WARP_MAX_MM = 8.0
@@ -60,7 +61,6 @@ def load_subjects(names):
 
 def make_case(image: np.ndarray, spacing, contrast: str, seed: int):
     """(moving image, w): moving(q) = contrast(image(q + u(q))); fixed p is found at q = p + w(p) (voxels)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from synthetic import inverse_field
     from samir.demo import random_smooth_displacement
     from samir.spatial import warp
@@ -68,14 +68,6 @@ def make_case(image: np.ndarray, spacing, contrast: str, seed: int):
     warped = warp(torch.from_numpy(image)[None, None], u)[0, 0].numpy()
     moving = recontrast(warped, contrast, mask=warped > 0.02, seed=seed)
     return moving, inverse_field(u)
-
-
-def points_at(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """``volume`` ``(1, C, D, H, W)`` at voxel coordinates ``points`` ``(P, 3)`` -> ``(P, C)`` (trilinear)."""
-    shape = volume.shape[2:]
-    grid = torch.stack([(2 * points[:, i] + 1) / shape[i] - 1 for i in (2, 1, 0)], -1).view(1, -1, 1, 1, 3)
-    out = F.grid_sample(volume.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.view(volume.shape[1], -1).T
 
 
 def lattice_points(image: np.ndarray, cell: float, count: int, rng) -> torch.Tensor:
@@ -97,7 +89,7 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 def dense_describer(volume: torch.Tensor, factor: float):
     """Descriptors from a dense ``(1, C, D/f, H/f, W/f)`` volume computed on a grid ``factor`` times coarser."""
-    return lambda points: unit(points_at(volume, (points + 0.5) / factor - 0.5))
+    return lambda points: unit(sample_at_points(volume, (points + 0.5) / factor - 0.5))
 
 
 def mind_describer(image: np.ndarray, spacing):
@@ -113,7 +105,7 @@ def patch_describer(image: np.ndarray, cell: float):
     grid = offsets(2) * cell / 2
 
     def describe(points):
-        values = points_at(smooth, (points[:, None] + grid[None]).view(-1, 3)).view(len(points), -1)
+        values = sample_at_points(smooth, (points[:, None] + grid[None]).view(-1, 3)).view(len(points), -1)
         return unit(values - values.mean(1, keepdim=True))
     return describe
 
@@ -168,7 +160,7 @@ def run_case(image, spacing, contrast: str, seed: int, encoder, head, args) -> d
     described, cell, seconds = describers(image, moving, spacing, encoder, head)
     rng = np.random.default_rng(seed)
     points = lattice_points(image, cell, args.points, rng)
-    targets = points + points_at(w, points)
+    targets = points + sample_at_points(w, points)
     scores = {name: localisation(*pair, points, targets, cell, args.radius) for name, pair in described.items()}
     return {"contrast": contrast, "points": len(points), "cell_voxels": cell, "encoder_s": seconds, "scores": scores}
 

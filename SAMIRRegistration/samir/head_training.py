@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .features import SliceFeatures, auto_slice_stride, choose_slicing_axis, encode_volume, sample_features_at
 from .safe_head import SAFEHead, file_sha256, head_payload, standardise
-from .spatial import gaussian_smooth, warp
+from .spatial import gaussian_smooth, sample_at_points, warp
 
 COLIN27_FOLDER = Path("/usr/share/mricron/templates")
 SPACING_MM = 2.0
@@ -193,13 +193,6 @@ def neighbour_offsets(cells: Sequence[int] = (1, 2)) -> torch.Tensor:
     return torch.cat([directions * c for c in cells])
 
 
-def _points_at(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """``field`` ``(1, 3, D, H, W)`` sampled at voxel coordinates ``points`` ``(P, 3)`` -> ``(P, 3)``."""
-    shape = field.shape[2:]
-    grid = torch.stack([(2 * points[:, i] + 1) / shape[i] - 1 for i in (2, 1, 0)], -1).view(1, -1, 1, 1, 3)
-    return F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=False).view(3, -1).T
-
-
 def _slice_index(features: SliceFeatures, x: torch.Tensor) -> torch.Tensor:
     """Position in the encoded slice stack of voxel coordinate ``x`` along the slicing axis."""
     n, last = features.features.shape[0], features.volume_shape[features.axis] - 1
@@ -280,7 +273,7 @@ class HeadTrainer:
         anchor, warped = self.pairs[int(self.rng.integers(len(self.pairs)))]
         points, first, window = self._sample_points(warped)
         cell = warped.features.padded_size / warped.features.features.shape[-1]
-        target = points + _points_at(warped.displacement, points)
+        target = points + sample_at_points(warped.displacement, points)
         limit = torch.tensor(anchor.features.volume_shape, dtype=torch.float32) - 1
         targets = torch.minimum((target[:, None] + torch.cat([torch.zeros(1, 3), neighbour_offsets() * cell])[None])
                                 .clamp_min(0), limit)

@@ -45,6 +45,15 @@ def grid_coordinates(index: torch.Tensor, size: int) -> torch.Tensor:
     return (2.0 * index + 1.0) / size - 1.0
 
 
+def sample_at_points(volume: torch.Tensor, points: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
+    """``volume`` ``(1, C, D, H, W)`` at continuous voxel indices ``points`` ``(P, 3)`` (D, H, W order), trilinear
+    -> ``(P, C)``."""
+    shape = volume.shape[2:]
+    grid = torch.stack([grid_coordinates(points[:, i], int(shape[i])) for i in (2, 1, 0)], -1).view(1, -1, 1, 1, 3)
+    out = F.grid_sample(volume, grid.to(volume.dtype), mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    return out.view(volume.shape[1], -1).T
+
+
 def normalized_identity_grid(shape: Shape3, device=None, dtype=torch.float32) -> torch.Tensor:
     """Identity sampling grid ``(1, D, H, W, 3)`` for ``grid_sample``; last axis ordered (W, H, D)."""
     d, h, w = torch.meshgrid(*(grid_coordinates(torch.arange(n, device=device, dtype=dtype), n) for n in shape),
